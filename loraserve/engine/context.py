@@ -1,0 +1,47 @@
+"""The forward context: per-step batch metadata that layers deep inside the transformers model
+need (paged-attention tables, per-token LoRA slots) but that transformers' forward signature does
+not carry. The runner sets it around each packed forward, like vLLM's forward context."""
+
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+import torch
+
+
+@dataclass
+class LoRABatch:
+    """Which LoRA slot each token of the packed batch uses. Slot -1 is the base model.
+    `rows` are the token indices that use some adapter (base rows pay nothing), `slots` their slots."""
+    token_slots: torch.Tensor               # [T] int64, -1 = base
+    rows: torch.Tensor                      # [N] int64, indices into T with slot >= 0
+    slots: torch.Tensor                     # [N] int64, slot of each such row
+    any_lora: bool
+
+    @classmethod
+    def from_token_slots(cls, token_slots: torch.Tensor) -> "LoRABatch":
+        rows = torch.nonzero(token_slots >= 0).flatten()
+        return cls(token_slots, rows, token_slots[rows], rows.numel() > 0)
+
+
+@dataclass
+class ForwardContext:
+    attn: object | None = None              # engine.attention_metadata.AttentionMetadata for paged runs
+    lora: LoRABatch | None = None
+    extra: dict = field(default_factory=dict)
+
+
+_CONTEXT = ForwardContext()
+
+
+def get_context() -> ForwardContext:
+    return _CONTEXT
+
+
+@contextmanager
+def forward_context(ctx: ForwardContext):
+    global _CONTEXT
+    prev, _CONTEXT = _CONTEXT, ctx
+    try:
+        yield ctx
+    finally:
+        _CONTEXT = prev
