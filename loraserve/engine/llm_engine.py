@@ -1,0 +1,203 @@
+"""The synchronous engine: add requests, call step() until they finish.
+
+One step = schedule a batch -> one packed forward -> sample -> append tokens, detokenize, check
+stops -> free what finished. The async wrapper (async_engine.py) runs this loop on a thread."""
+
+import logging
+import time
+
+import torch
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from loraserve.config import EngineConfig
+from loraserve.engine.kv_cache import BlockManager, KVCache, cache_specs
+from loraserve.engine.model_runner import ModelRunner
+from loraserve.engine.outputs import RequestOutput
+from loraserve.engine.sampling_params import SamplingParams
+from loraserve.engine.scheduler import Scheduler
+from loraserve.engine.sequence import Sequence
+from loraserve.model.attention import ATTN_NAME
+from loraserve.model.loader import load_model
+from loraserve.model.sampler import Sampler
+
+log = logging.getLogger(__name__)
+
+
+class RequestError(ValueError):
+    """A request the engine cannot take (too long for the context, ...); the message names why."""
+
+
+class UnknownModelError(LookupError):
+    """The request names a model this server does not serve; the message lists the served names."""
+
+    def __init__(self, name: str, served: list[str]):
+        super().__init__(f"The model `{name}` does not exist. Served models: {', '.join(served)}")
+        self.name, self.served = name, served
+
+
+def eos_token_ids(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> set[int]:
+    ids: set[int] = set()
+    for source in (getattr(model, "generation_config", None), model.config, tokenizer):
+        value = getattr(source, "eos_token_id", None)
+        if value is not None:
+            ids.update(value if isinstance(value, list) else [value])
+    return ids
+
+
+class LLMEngine:
+    def __init__(self, config: EngineConfig, model: PreTrainedModel | None = None,
+                 tokenizer: PreTrainedTokenizerBase | None = None):
+        """Loads `config.model` unless a ready (model, tokenizer) pair is passed (tests do that)."""
+        if model is None:
+            model, tokenizer = load_model(config.model, config.dtype, config.device, config.trust_remote_code)
+        self.config = config
+        self.model = model.eval()
+        self.model.config._attn_implementation = ATTN_NAME
+        self.tokenizer = tokenizer
+        self.device = next(model.parameters()).device
+        self.dtype = next(model.parameters()).dtype
+        self.served_model_name = config.served_model_name or config.model.rstrip("/").split("/")[-1]
+        self.max_model_len = self._max_model_len(config)
+        self.eos_ids = eos_token_ids(model, tokenizer)
+
+        specs = cache_specs(model)
+        num_blocks = config.num_kv_blocks or int(
+            config.kv_cache_memory_gb * 2**30 // (KVCache.bytes_per_token(specs, self.dtype) * config.block_size))
+        self.kv_cache = KVCache(specs, num_blocks, config.block_size, self.dtype, self.device)
+        self.blocks = BlockManager(num_blocks, config.block_size)
+        self.scheduler = Scheduler(self.blocks, config.max_num_seqs,
+                                   max(config.max_num_batched_tokens, config.max_num_seqs))
+        self.runner = ModelRunner(self.model, self.kv_cache, self.device)
+        self.sampler = Sampler(config.seed)
+        self.seqs: dict[str, Sequence] = {}
+        log.info("engine ready: %s on %s (%s), %d KV blocks of %d tokens, max_model_len %d",
+                 self.served_model_name, self.device, self.dtype, num_blocks, config.block_size, self.max_model_len)
+
+    def _max_model_len(self, config: EngineConfig) -> int:
+        limit = getattr(self.model.config.get_text_config(), "max_position_embeddings", None)
+        if config.max_model_len is None:
+            if limit is None:
+                raise RequestError("the model config has no max_position_embeddings: pass --max-model-len")
+            return limit
+        if limit is not None and config.max_model_len > limit:
+            raise RequestError(f"--max-model-len {config.max_model_len} is above the model's "
+                               f"max_position_embeddings {limit}")
+        return config.max_model_len
+
+    def model_names(self) -> list[str]:
+        return [self.served_model_name]
+
+    def resolve_model(self, name: str | None) -> str | None:
+        """Map a request's model name to an adapter name (None = the base), or raise UnknownModelError."""
+        if name is None or name == self.served_model_name:
+            return None
+        raise UnknownModelError(name, self.model_names())
+
+    def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
+                    model: str | None = None) -> Sequence:
+        params.validate()
+        if request_id in self.seqs:
+            raise RequestError(f"request id {request_id!r} is already in use")
+        if not prompt_token_ids:
+            raise RequestError("the prompt is empty")
+        lora_name = self.resolve_model(model)
+        total = len(prompt_token_ids) + params.max_tokens
+        if total > self.max_model_len:
+            raise RequestError(
+                f"This model's maximum context length is {self.max_model_len} tokens. However, you requested "
+                f"{total} tokens ({len(prompt_token_ids)} in the prompt, {params.max_tokens} for the completion).")
+        capacity = self.blocks.num_blocks * self.blocks.block_size
+        if total > capacity:
+            raise RequestError(f"the request needs {total} tokens of KV cache but the whole cache holds {capacity}")
+        seq = Sequence(request_id, prompt_token_ids, params, lora_name, arrival_time=time.monotonic())
+        self.seqs[request_id] = seq
+        self.scheduler.add(seq)
+        return seq
+
+    def abort(self, request_id: str) -> None:
+        seq = self.seqs.pop(request_id, None)
+        if seq is not None and not seq.is_finished:
+            self.scheduler.finish(seq, "abort")
+
+    def has_unfinished(self) -> bool:
+        return self.scheduler.has_work()
+
+    def step(self) -> list[RequestOutput]:
+        batch = self.scheduler.schedule()
+        if not batch:
+            return []
+        logits, sampling = self.runner.run(batch)
+        self.scheduler.commit(batch)
+        if not sampling:
+            return []
+        tokens, logprobs = self.sampler(logits, sampling)
+        now = time.monotonic()
+        outputs = []
+        for seq, token, lp in zip(sampling, tokens, logprobs):
+            seq.token_ids.append(token)
+            seq.first_token_time = seq.first_token_time or now
+            new_text = self._update_text(seq)
+            if seq.is_finished:
+                self.seqs.pop(seq.request_id, None)
+            outputs.append(RequestOutput(
+                seq.request_id, seq.prompt_token_ids, seq.output_token_ids, seq.text[:seq.num_emitted_chars],
+                new_text, [token], [lp] if lp is not None else None, seq.is_finished, seq.finish_reason))
+        return outputs
+
+    def _update_text(self, seq: Sequence) -> str:
+        """Decode, apply stop conditions, and return the text that is safe to hand out now."""
+        p, token = seq.params, seq.token_ids[-1]
+        reason = None
+        if (token in self.eos_ids and not p.ignore_eos) or token in p.stop_token_ids:
+            reason = "stop"
+        elif len(seq.output_token_ids) >= p.max_tokens or len(seq) >= self.max_model_len:
+            reason = "length"
+        seq.text = self.tokenizer.decode(seq.output_token_ids, skip_special_tokens=True)
+        safe = len(seq.text)
+        for stop in p.stop:
+            at = seq.text.find(stop, max(0, seq.num_emitted_chars - len(stop)))
+            if at != -1 and at < safe:
+                safe, reason = at, "stop"
+        if reason is None:
+            safe -= self._held_back(seq.text, p.stop)
+        else:
+            seq.text = seq.text[:safe]
+            self.scheduler.finish(seq, reason)
+        new_text = seq.text[seq.num_emitted_chars:safe]
+        seq.num_emitted_chars = max(seq.num_emitted_chars, safe)
+        return new_text
+
+    @staticmethod
+    def _held_back(text: str, stops: list[str]) -> int:
+        """Chars at the end of `text` not to emit yet: a partial UTF-8 character, or the start of a stop
+        string, so streamed text never has to be taken back."""
+        if text.endswith("\ufffd"):
+            return 1
+        longest = 0
+        for stop in stops:
+            for k in range(min(len(stop) - 1, len(text)), longest, -1):
+                if text.endswith(stop[:k]):
+                    longest = k
+                    break
+        return longest
+
+    def stats(self) -> dict:
+        return {
+            "num_running": len(self.scheduler.running),
+            "num_waiting": len(self.scheduler.waiting),
+            "kv_blocks_total": self.blocks.num_blocks,
+            "kv_blocks_free": self.blocks.num_free,
+        }
+
+    @torch.inference_mode()
+    def generate(self, prompts: list[list[int]], params: SamplingParams) -> list[list[int]]:
+        """Offline helper (tests, benchmarks): run prompts to completion, return output token ids."""
+        ids = [f"offline-{i}-{time.monotonic_ns()}" for i in range(len(prompts))]
+        for rid, prompt in zip(ids, prompts):
+            self.add_request(rid, prompt, SamplingParams(**vars(params)))
+        done: dict[str, list[int]] = {}
+        while self.has_unfinished():
+            for out in self.step():
+                if out.finished:
+                    done[out.request_id] = out.output_token_ids
+        return [done[rid] for rid in ids]

@@ -1,0 +1,98 @@
+"""Runs one packed forward per step: all scheduled tokens of all sequences, prefill chunks and
+decodes mixed, as a single [1, T] batch through the transformers model.
+
+The runner turns the scheduled batch into flat tensors (token ids, positions, cache slots, per-token
+LoRA slots) and the attention groups; everything per layer then works on tensors only."""
+
+import numpy as np
+import torch
+from torch import nn
+
+from loraserve.engine.context import ForwardContext, LoRABatch, forward_context
+from loraserve.engine.kv_cache import KVCache
+from loraserve.engine.scheduler import ScheduledBatch
+from loraserve.engine.sequence import Sequence
+from loraserve.model.attention import AttentionGroup, AttentionMetadata
+
+PAD_POS = 1 << 30   # position given to padding keys: after every query, so causality hides them
+
+
+class ModelRunner:
+    def __init__(self, model: nn.Module, kv_cache: KVCache, device: torch.device):
+        self.model = model
+        self.kv_cache = kv_cache
+        self.block_size = kv_cache.block_size
+        self.device = device
+
+    def _slots(self, seq: Sequence, end: int) -> np.ndarray:
+        """Cache slots of positions [0, end) of `seq`."""
+        table = np.asarray(seq.block_table, dtype=np.int64)
+        return (table[:, None] * self.block_size + np.arange(self.block_size)).ravel()[:end]
+
+    def prepare(self, batch: ScheduledBatch) -> tuple[dict, ForwardContext, list[Sequence]]:
+        ids, pos, slot_mapping, token_slots, keep = [], [], [], [], []
+        decode_rows, decode_slots, decode_pos = [], [], []
+        groups: list[AttentionGroup] = []
+        offset = 0
+        sampling: list[Sequence] = []
+        for seq, n in batch:
+            start, end = seq.num_computed_tokens, seq.num_computed_tokens + n
+            ids.extend(seq.token_ids[start:end])
+            pos.append(np.arange(start, end))
+            ctx_slots = self._slots(seq, end)
+            slot_mapping.append(ctx_slots[start:end])
+            token_slots.append(np.full(n, seq.lora_slot))
+            if end == len(seq):                   # the last prompt chunk or a decode: sample a token
+                keep.append(offset + n - 1)
+                sampling.append(seq)
+            if n == 1:
+                decode_rows.append(offset)
+                decode_slots.append(ctx_slots)
+                decode_pos.append(end - 1)
+            else:
+                groups.append(self._prefill_group(offset, start, end, ctx_slots))
+            offset += n
+        if decode_rows:
+            groups.append(self._decode_group(decode_rows, decode_slots, decode_pos))
+        dev = self.device
+        inputs = {
+            "input_ids": torch.tensor(ids, device=dev)[None],
+            "position_ids": torch.from_numpy(np.concatenate(pos)).to(dev)[None],
+            "logits_to_keep": torch.tensor(keep, dtype=torch.long, device=dev),
+        }
+        md = AttentionMetadata(self.kv_cache, torch.from_numpy(np.concatenate(slot_mapping)).to(dev), groups)
+        slots = torch.from_numpy(np.concatenate(token_slots)).to(dev)
+        lora = LoRABatch.from_token_slots(slots) if bool((slots >= 0).any()) else None
+        return inputs, ForwardContext(attn=md, lora=lora), sampling
+
+    def _prefill_group(self, offset: int, start: int, end: int, ctx_slots: np.ndarray) -> AttentionGroup:
+        dev, n = self.device, end - start
+        return AttentionGroup(
+            rows=torch.arange(offset, offset + n, device=dev)[None],
+            q_pos=torch.arange(start, end, device=dev)[None],
+            kv_slots=torch.from_numpy(ctx_slots).to(dev)[None],
+            kv_pos=torch.arange(end, device=dev)[None],
+        )
+
+    def _decode_group(self, rows: list[int], slots: list[np.ndarray], q_pos: list[int]) -> AttentionGroup:
+        dev, b = self.device, len(rows)
+        kv_len = max(len(s) for s in slots)
+        kv_slots = np.zeros((b, kv_len), dtype=np.int64)
+        kv_pos = np.full((b, kv_len), PAD_POS, dtype=np.int64)
+        for i, s in enumerate(slots):
+            kv_slots[i, :len(s)] = s
+            kv_pos[i, :len(s)] = np.arange(len(s))
+        return AttentionGroup(
+            rows=torch.tensor(rows, device=dev)[:, None],
+            q_pos=torch.tensor(q_pos, device=dev)[:, None],
+            kv_slots=torch.from_numpy(kv_slots).to(dev),
+            kv_pos=torch.from_numpy(kv_pos).to(dev),
+        )
+
+    @torch.inference_mode()
+    def run(self, batch: ScheduledBatch) -> tuple[torch.Tensor, list[Sequence]]:
+        """Forward the batch; return logits [S, V] of the sequences that sample this step."""
+        inputs, ctx, sampling = self.prepare(batch)
+        with forward_context(ctx):
+            out = self.model(**inputs, use_cache=False)
+        return out.logits[0], sampling

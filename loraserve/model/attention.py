@@ -1,0 +1,87 @@
+"""Attention over the paged KV cache, plugged into unmodified transformers models.
+
+transformers computes q/k/v (with RoPE, norms, Gemma's per-layer quirks) and then calls the
+function registered under the model's `_attn_implementation`. We register `paged_attention`: it
+writes this step's K/V into the cache and attends each query token over its own sequence's
+cached context. The whole batch is one packed "sequence" of T tokens ([1, T] input_ids), so the
+model's own mask building is switched off (our mask function returns None) and the per-sequence
+structure comes from AttentionMetadata, built once per step by the runner."""
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from transformers import AttentionInterface
+from transformers.masking_utils import AttentionMaskInterface
+
+from loraserve.engine.context import get_context
+from loraserve.engine.kv_cache import KVCache
+
+ATTN_NAME = "loraserve_paged"
+
+
+@dataclass
+class AttentionGroup:
+    """Sequences attended in one SDPA call: each has q_len query tokens; keys are padded to kv_len."""
+    rows: torch.Tensor        # [B, q_len] token indices into the packed batch
+    q_pos: torch.Tensor       # [B, q_len] position of each query token
+    kv_slots: torch.Tensor    # [B, kv_len] cache slots of each sequence's context (padding: slot 0)
+    kv_pos: torch.Tensor      # [B, kv_len] position of each key; padding has a huge position
+    masks: dict = field(default_factory=dict)   # sliding window -> [B, 1, q_len, kv_len] bool
+
+    def mask(self, window: int | None) -> torch.Tensor:
+        if window not in self.masks:
+            q, k = self.q_pos[:, :, None], self.kv_pos[:, None, :]
+            allowed = k <= q                    # causal (padding keys sit past every query)
+            if window is not None:
+                allowed &= k > q - window       # transformers' sliding-window rule
+            self.masks[window] = allowed[:, None]
+        return self.masks[window]
+
+
+@dataclass
+class AttentionMetadata:
+    kv_cache: KVCache
+    slot_mapping: torch.Tensor                  # [T] cache slot of each new token
+    groups: list[AttentionGroup]
+
+
+def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, scaling: float | None,
+            softcap: float | None) -> torch.Tensor:
+    """q [B, H, q, D], k/v [B, Hkv, L, D], mask [B, 1, q, L] -> [B, H, q, D]."""
+    if softcap is None:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scaling, enable_gqa=True)
+    # Gemma 2's logit soft-capping is outside SDPA: do the math by hand, as transformers' eager path.
+    groups = q.shape[1] // k.shape[1]
+    k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
+    scores = torch.matmul(q, k.transpose(-1, -2)) * (scaling if scaling is not None else q.shape[-1] ** -0.5)
+    scores = torch.tanh(scores / softcap) * softcap
+    scores = scores.masked_fill(~mask, float("-inf"))
+    return torch.matmul(torch.softmax(scores.float(), dim=-1).to(q.dtype), v)
+
+
+def paged_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                    attention_mask: torch.Tensor | None, scaling: float | None = None, dropout: float = 0.0,
+                    sliding_window: int | None = None, softcap: float | None = None, **kwargs):
+    md: AttentionMetadata = get_context().attn
+    k_cache, v_cache, owns = md.kv_cache.layer(module.layer_idx)
+    if owns:
+        k_cache.index_copy_(0, md.slot_mapping, key[0].transpose(0, 1).to(k_cache.dtype))
+        v_cache.index_copy_(0, md.slot_mapping, value[0].transpose(0, 1).to(v_cache.dtype))
+    q = query[0].transpose(0, 1)                                        # [T, H, D]
+    out = torch.empty_like(q)
+    for g in md.groups:
+        qg = q[g.rows].transpose(1, 2)                                  # [B, H, q_len, D]
+        kg = k_cache[g.kv_slots].permute(0, 2, 1, 3)                    # [B, Hkv, L, D]
+        vg = v_cache[g.kv_slots].permute(0, 2, 1, 3)
+        og = _attend(qg, kg, vg, g.mask(sliding_window), scaling, softcap).transpose(1, 2)
+        out[g.rows] = og
+    return out.unsqueeze(0), None                                       # [1, T, H, D] like sdpa
+
+
+def _no_mask(*args, **kwargs):
+    return None
+
+
+AttentionInterface.register(ATTN_NAME, paged_attention)
+AttentionMaskInterface.register(ATTN_NAME, _no_mask)
