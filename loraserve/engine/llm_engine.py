@@ -93,11 +93,10 @@ class LLMEngine:
             return None
         raise UnknownModelError(name, self.model_names())
 
-    def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
-                    model: str | None = None) -> Sequence:
+    def check_request(self, prompt_token_ids: list[int], params: SamplingParams, model: str | None) -> str | None:
+        """Validate a request without touching engine state (safe from any thread); return its adapter
+        name (None = base) or raise ValueError / RequestError / UnknownModelError with the user's message."""
         params.validate()
-        if request_id in self.seqs:
-            raise RequestError(f"request id {request_id!r} is already in use")
         if not prompt_token_ids:
             raise RequestError("the prompt is empty")
         lora_name = self.resolve_model(model)
@@ -109,6 +108,13 @@ class LLMEngine:
         capacity = self.blocks.num_blocks * self.blocks.block_size
         if total > capacity:
             raise RequestError(f"the request needs {total} tokens of KV cache but the whole cache holds {capacity}")
+        return lora_name
+
+    def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
+                    model: str | None = None) -> Sequence:
+        lora_name = self.check_request(prompt_token_ids, params, model)
+        if request_id in self.seqs:
+            raise RequestError(f"request id {request_id!r} is already in use")
         seq = Sequence(request_id, prompt_token_ids, params, lora_name, arrival_time=time.monotonic())
         self.seqs[request_id] = seq
         self.scheduler.add(seq)

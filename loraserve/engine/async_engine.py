@@ -1,0 +1,132 @@
+"""The async face of the engine: the step loop runs on its own thread (torch releases the GIL in its
+kernels, so HTTP handling overlaps compute) and hands each request's outputs to an asyncio queue.
+
+All engine state is touched by the loop thread only: the event loop sends it adds and aborts through
+a thread-safe inbox, drained between steps."""
+
+import asyncio
+import logging
+import queue
+import threading
+import uuid
+from collections.abc import AsyncIterator
+
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from loraserve.config import EngineConfig
+from loraserve.engine.llm_engine import LLMEngine
+from loraserve.engine.outputs import RequestOutput
+from loraserve.engine.sampling_params import SamplingParams
+
+log = logging.getLogger(__name__)
+
+
+class EngineDeadError(RuntimeError):
+    """The step loop is not running; requests cannot be served."""
+
+
+class AsyncEngine:
+    def __init__(self, config: EngineConfig, model: PreTrainedModel | None = None,
+                 tokenizer: PreTrainedTokenizerBase | None = None):
+        self.engine = LLMEngine(config, model, tokenizer)
+        self.tokenizer = self.engine.tokenizer
+        self.max_model_len = self.engine.max_model_len
+        self.served_model_name = self.engine.served_model_name
+        self._inbox: queue.Queue = queue.Queue()
+        self._wakeup = threading.Event()
+        self._streams: dict[str, asyncio.Queue] = {}
+        self._thread: threading.Thread | None = None
+        self._stopping = False
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    def model_names(self) -> list[str]:
+        return self.engine.model_names()
+
+    def stats(self) -> dict:
+        return self.engine.stats()
+
+    async def start(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._stopping = False
+        self._thread = threading.Thread(target=self._run, name="loraserve-engine", daemon=True)
+        self._thread.start()
+
+    async def shutdown(self) -> None:
+        self._stopping = True
+        self._wakeup.set()
+        if self._thread is not None:
+            await asyncio.to_thread(self._thread.join)
+            self._thread = None
+
+    async def generate(self, prompt_token_ids: list[int], params: SamplingParams, model: str | None = None,
+                       request_id: str | None = None) -> AsyncIterator[RequestOutput]:
+        """Yield the request's outputs step by step; closing the iterator early aborts the request
+        and frees its KV blocks. Bad requests raise before anything is queued."""
+        if self._thread is None:
+            raise EngineDeadError("the engine loop is not running")
+        self.engine.check_request(prompt_token_ids, params, model)
+        request_id = request_id or uuid.uuid4().hex
+        stream: asyncio.Queue = asyncio.Queue()
+        self._streams[request_id] = stream
+        self._send(("add", request_id, prompt_token_ids, params, model))
+        finished = False
+        try:
+            while not finished:
+                out = await stream.get()
+                if isinstance(out, BaseException):
+                    raise out
+                finished = out.finished
+                yield out
+        finally:
+            self._streams.pop(request_id, None)
+            if not finished:
+                self.abort(request_id)
+
+    def abort(self, request_id: str) -> None:
+        self._send(("abort", request_id))
+
+    def _send(self, message: tuple) -> None:
+        self._inbox.put(message)
+        self._wakeup.set()
+
+    def _deliver(self, request_id: str, item) -> None:
+        stream = self._streams.get(request_id)
+        if stream is not None:
+            stream.put_nowait(item)
+
+    def _publish(self, request_id: str, item) -> None:
+        self._loop.call_soon_threadsafe(self._deliver, request_id, item)
+
+    def _drain_inbox(self) -> None:
+        while True:
+            try:
+                message = self._inbox.get_nowait()
+            except queue.Empty:
+                return
+            if message[0] == "abort":
+                self.engine.abort(message[1])
+                continue
+            _, request_id, prompt, params, model = message
+            try:
+                self.engine.add_request(request_id, prompt, params, model)
+            except Exception as e:   # checked before queueing, but state may have changed since
+                self._publish(request_id, e)
+
+    def _run(self) -> None:
+        while not self._stopping:
+            self._drain_inbox()
+            if not self.engine.has_unfinished():
+                self._wakeup.wait(timeout=0.5)
+                self._wakeup.clear()
+                continue
+            try:
+                outputs = self.engine.step()
+            except Exception as e:
+                # A failed step must not take the server down: fail the requests in it, keep serving.
+                log.exception("engine step failed; aborting the running requests")
+                for request_id in list(self.engine.seqs):
+                    self.engine.abort(request_id)
+                    self._publish(request_id, RuntimeError(f"engine step failed: {e}"))
+                continue
+            for out in outputs:
+                self._publish(out.request_id, out)
