@@ -158,7 +158,9 @@ class LLMEngine:
             reason = "stop"
         elif len(seq.output_token_ids) >= p.max_tokens or len(seq) >= self.max_model_len:
             reason = "length"
-        seq.text = self.tokenizer.decode(seq.output_token_ids, skip_special_tokens=True)
+        # A stop token ends the text, it is not part of it (some GGUF tokenizers do not mark EOS special).
+        text_ids = seq.output_token_ids[:-1] if reason == "stop" else seq.output_token_ids
+        seq.text = self.tokenizer.decode(text_ids, skip_special_tokens=True)
         safe = len(seq.text)
         for stop in p.stop:
             at = seq.text.find(stop, max(0, seq.num_emitted_chars - len(stop)))

@@ -52,6 +52,7 @@ def gguf_to_hf_dir(gguf_path: Path) -> Path:
     tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
     # The dequantized weights are plain floats now; a leftover quantization_config would make
     # transformers try to re-quantize on load.
+    model.hf_quantizer = None
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
     tmp = out.with_name(out.name + ".tmp")
