@@ -10,7 +10,6 @@ structure comes from AttentionMetadata, built once per step by the runner."""
 from dataclasses import dataclass, field
 
 import torch
-import torch.nn.functional as F
 from transformers import AttentionInterface
 from transformers.masking_utils import AttentionMaskInterface
 
@@ -48,16 +47,20 @@ class AttentionMetadata:
 
 def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, scaling: float | None,
             softcap: float | None) -> torch.Tensor:
-    """q [B, H, q, D], k/v [B, Hkv, L, D], mask [B, 1, q, L] -> [B, H, q, D]."""
-    if softcap is None:
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scaling, enable_gqa=True)
-    # Gemma 2's logit soft-capping is outside SDPA: do the math by hand, as transformers' eager path.
-    groups = q.shape[1] // k.shape[1]
-    k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
-    scores = torch.matmul(q, k.transpose(-1, -2)) * (scaling if scaling is not None else q.shape[-1] ** -0.5)
-    scores = torch.tanh(scores / softcap) * softcap
-    scores = scores.masked_fill(~mask, float("-inf"))
-    return torch.matmul(torch.softmax(scores.float(), dim=-1).to(q.dtype), v)
+    """q [B, H, q, D], k/v [B, Hkv, L, D], mask [B, 1, q, L] -> [B, H, q, D].
+
+    Plain grouped matmuls rather than SDPA: on CPU, bf16 SDPA with a mask and GQA is ~50x slower than
+    this for decode shapes (measured: 4.8 ms vs 0.09 ms for 16 x 9 heads x 128 keys). Query heads are
+    folded into the query axis per KV head, so no K/V copy is made for GQA. Softmax runs in float32."""
+    b, h, n, d = q.shape
+    hkv = k.shape[1]
+    qg = q.reshape(b, hkv, (h // hkv) * n, d)
+    scores = torch.matmul(qg, k.transpose(-1, -2)).float() * (scaling if scaling is not None else d ** -0.5)
+    if softcap is not None:   # Gemma 2's attention logit soft-capping
+        scores = torch.tanh(scores / softcap) * softcap
+    scores = scores.view(b, hkv, h // hkv, n, -1).masked_fill(~mask[:, :, None], float("-inf"))
+    probs = torch.softmax(scores, dim=-1).to(v.dtype).view(b, hkv, (h // hkv) * n, -1)
+    return torch.matmul(probs, v).view(b, h, n, d)
 
 
 def paged_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
