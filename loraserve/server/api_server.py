@@ -1,0 +1,148 @@
+"""The FastAPI app: OpenAI-compatible routes over one AsyncEngine.
+
+`build_app` takes a ready engine and starts / stops its step loop with the app's lifespan, so the
+CLI, tests and embedding applications all run the same app object under any ASGI server.
+"""
+
+import secrets
+import uuid
+from contextlib import asynccontextmanager
+
+import anyio
+from fastapi import APIRouter, Depends, FastAPI, Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from prometheus_client import CONTENT_TYPE_LATEST
+from pydantic import BaseModel, ValidationError
+from starlette.types import Send
+
+from loraserve import __version__
+from loraserve.server.errors import AuthenticationFailed, from_validation_error, install_error_handlers
+from loraserve.server.metrics import ServerMetrics
+from loraserve.server.protocol import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    GenerateRequest,
+    ModelCard,
+    ModelList,
+)
+from loraserve.server.serving import ClientDisconnected, OpenAIServing
+
+# Sent instead of a body when the client left before a non-streaming answer was ready (nginx's code).
+_CLIENT_CLOSED = 499
+
+
+class _SSEResponse(StreamingResponse):
+    """Closes the event generator however the response ends. Starlette cancels the sending task
+    when the client disconnects and may leave the generator suspended; closing it here aborts the
+    engine requests at once rather than whenever the garbage collector gets to it."""
+
+    def __init__(self, events):
+        super().__init__(events, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+
+    async def stream_response(self, send: Send) -> None:
+        try:
+            await super().stream_response(send)
+        finally:
+            with anyio.CancelScope(shield=True):
+                await self.body_iterator.aclose()
+
+
+async def _parse(request: Request, schema: type[BaseModel]) -> BaseModel:
+    try:
+        return schema.model_validate_json(await request.body())
+    except ValidationError as err:
+        raise from_validation_error(err) from None
+
+
+def _key_checker(api_key: str):
+    expected = f"Bearer {api_key}".encode()
+
+    async def check_key(request: Request) -> None:
+        header = request.headers.get("authorization")
+        if header is None:
+            raise AuthenticationFailed("Missing API key: send the header 'Authorization: Bearer <key>'")
+        if not secrets.compare_digest(header.encode(), expected):
+            raise AuthenticationFailed("Invalid API key")
+
+    return check_key
+
+
+def build_app(engine, api_key: str | None = None) -> FastAPI:
+    """An app serving `engine`. With `api_key`, every route but /health, /version and /metrics
+    needs `Authorization: Bearer <api_key>` (as vLLM does: probes and scrapers carry no key)."""
+    metrics = ServerMetrics(engine, engine.served_model_name)
+    serving = OpenAIServing(engine, metrics)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        await engine.start()
+        try:
+            yield
+        finally:
+            await engine.shutdown()
+
+    app = FastAPI(title="loraserve", version=__version__, lifespan=lifespan)
+    install_error_handlers(app)
+    public = APIRouter()
+    keyed = APIRouter(dependencies=[Depends(_key_checker(api_key))] if api_key else [])
+
+    @public.get("/health")
+    async def health() -> Response:
+        return Response(status_code=200)
+
+    @public.get("/version")
+    async def version() -> dict:
+        return {"version": __version__}
+
+    @public.get("/metrics")
+    async def prometheus_metrics() -> Response:
+        return Response(metrics.render(), media_type=CONTENT_TYPE_LATEST)
+
+    @keyed.get("/v1/models")
+    async def list_models() -> JSONResponse:
+        base = engine.served_model_name
+        config = engine.engine.config
+        cards = [ModelCard(id=name, root=config.model if name == base else config.lora.lora_modules[name],
+                           parent=None if name == base else base, max_model_len=engine.max_model_len)
+                 for name in engine.model_names()]
+        return JSONResponse(ModelList(data=cards).model_dump())
+
+    @keyed.post("/v1/completions")
+    async def completions(request: Request) -> Response:
+        req = await _parse(request, CompletionRequest)
+        response_id = f"cmpl-{uuid.uuid4().hex}"
+        model, subs = serving.prepare_completion(req, response_id)
+        if req.stream:
+            return _SSEResponse(serving.completion_stream(req, model, subs, response_id))
+        try:
+            states = await serving.collect(subs, model, request.is_disconnected)
+        except ClientDisconnected:
+            return Response(status_code=_CLIENT_CLOSED)
+        return JSONResponse(serving.completion_response(req, model, subs, states, response_id).model_dump())
+
+    @keyed.post("/v1/chat/completions")
+    async def chat_completions(request: Request) -> Response:
+        req = await _parse(request, ChatCompletionRequest)
+        response_id = f"chatcmpl-{uuid.uuid4().hex}"
+        model, subs = serving.prepare_chat(req, response_id)
+        if req.stream:
+            return _SSEResponse(serving.chat_stream(req, model, subs, response_id))
+        try:
+            states = await serving.collect(subs, model, request.is_disconnected)
+        except ClientDisconnected:
+            return Response(status_code=_CLIENT_CLOSED)
+        return JSONResponse(serving.chat_response(req, model, subs, states, response_id).model_dump())
+
+    @keyed.post("/generate")
+    async def generate(request: Request) -> Response:
+        req = await _parse(request, GenerateRequest)
+        model, subs = serving.prepare_generate(req, f"gen-{uuid.uuid4().hex}")
+        try:
+            states = await serving.collect(subs, model, request.is_disconnected)
+        except ClientDisconnected:
+            return Response(status_code=_CLIENT_CLOSED)
+        return JSONResponse(serving.generate_response(req, subs, states).model_dump())
+
+    app.include_router(public)
+    app.include_router(keyed)
+    return app
