@@ -161,10 +161,10 @@ class MultiLoRALinear(_MultiLoRA):
         base_rows = y2[rows]
         L, r = self.lora_a.shape[:2]
         new = base_rows
-        if r > 0:
-            d = self._lora_delta(F.linear(xs, self.lora_a.reshape(L * r, -1)).view(-1, L, r), slots)
-            if self.bias_delta is not None:
-                d = d + self.bias_delta[slots]
+        d = self._lora_delta(F.linear(xs, self.lora_a.reshape(L * r, -1)).view(-1, L, r), slots) if r else None
+        if self.bias_delta is not None:  # bias="all" may change the bias of modules without LoRA
+            d = self.bias_delta[slots] if d is None else d + self.bias_delta[slots]
+        if d is not None:
             new = base_rows + d
             if self.is_dora is not None:
                 # DoRA: g * (W x + s B A x) + bias, with g = magnitude / ||W + s B A||.
