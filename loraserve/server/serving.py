@@ -104,7 +104,7 @@ class OpenAIServing:
         vocab = len(self.tokenizer)
         bad = [t for t in ids if not 0 <= t < vocab]
         if bad:
-            raise InvalidValue(f"Prompt token ids {bad[:5]} are outside the vocabulary [0, {vocab})",
+            raise InvalidValue(f"prompt token ids {bad[:5]} are outside the vocabulary [0, {vocab})",
                                param="prompt")
 
     def check_length(self, num_prompt_tokens: int, max_tokens: int) -> None:
@@ -296,6 +296,9 @@ class OpenAIServing:
             raise InvalidValue(str(err), param="top_logprobs") from None
         ids = self.chat_prompt(req)
         max_tokens = req.requested_max_tokens()
+        if max_tokens is not None and max_tokens < 1:
+            name = "max_completion_tokens" if req.max_completion_tokens is not None else "max_tokens"
+            raise InvalidValue(f"{name} must be at least 1, got {max_tokens}", param=name)
         if max_tokens is None:
             # OpenAI's default: as long as the context allows.
             max_tokens = self.engine.max_model_len - len(ids)
