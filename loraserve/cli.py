@@ -1,0 +1,153 @@
+"""The `loraserve` command. Flag names follow vLLM's so a launch command moves over by changing
+one word. Argument parsing only: each subcommand turns its flags into a config and hands off."""
+
+import argparse
+import json
+import logging
+
+from loraserve import __version__
+from loraserve.config import EngineConfig, LoRAConfig
+
+
+class LoRAModulesError(ValueError):
+    """A --lora-modules entry that is neither NAME=PATH nor vLLM's JSON object."""
+
+
+def parse_lora_module(spec: str) -> tuple[str, str, str | None]:
+    """One --lora-modules entry -> (name, path, base_model_name). Accepts `NAME=PATH` and vLLM's
+    JSON form `{"name": ..., "path": ..., "base_model_name": ...}`."""
+    if spec.lstrip().startswith("{"):
+        try:
+            obj = json.loads(spec)
+        except json.JSONDecodeError as err:
+            raise LoRAModulesError(f"--lora-modules entry {spec!r} is not valid JSON: {err}") from None
+        unknown = set(obj) - {"name", "path", "base_model_name"}
+        if unknown:
+            raise LoRAModulesError(f"--lora-modules entry {spec!r} has unknown keys: {', '.join(sorted(unknown))}")
+        if not isinstance(obj.get("name"), str) or not isinstance(obj.get("path"), str):
+            raise LoRAModulesError(f"--lora-modules entry {spec!r} needs string 'name' and 'path'")
+        return obj["name"], obj["path"], obj.get("base_model_name")
+    name, sep, path = spec.partition("=")
+    if not sep or not name or not path:
+        raise LoRAModulesError(f"--lora-modules entry {spec!r} is not NAME=PATH or a JSON object")
+    return name, path, None
+
+
+def add_serve_parser(subparsers) -> None:
+    p = subparsers.add_parser(
+        "serve", help="serve a model (plus LoRA adapters) behind an OpenAI-compatible API",
+        description="Serve one base model and any LoRA adapters behind an OpenAI-compatible HTTP API "
+                    "with continuous batching. Flag names follow vLLM's.")
+    p.add_argument("model", help="Hugging Face model directory (safetensors + tokenizer) or a .gguf file")
+    d = " (default: %(default)s)"
+
+    g = p.add_argument_group("model")
+    g.add_argument("--served-model-name", default=None,
+                   help="name clients use in the `model` field (default: the model path's last part)")
+    g.add_argument("--max-model-len", type=int, default=None,
+                   help="context length: prompt plus completion tokens (default: the model's "
+                        "max_position_embeddings; a larger value is refused)")
+    g.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], default="auto",
+                   help="weight and activation dtype; auto = bfloat16" + d)
+    g.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
+                   help="auto picks cuda when available, else cpu" + d)
+    g.add_argument("--trust-remote-code", action="store_true",
+                   help="allow model code from the model directory, as transformers does")
+    g.add_argument("--seed", type=int, default=0, help="sampler seed for requests that bring none" + d)
+
+    g = p.add_argument_group("scheduling and KV cache")
+    g.add_argument("--max-num-seqs", type=int, default=64, help="sequences in the running batch at once" + d)
+    g.add_argument("--max-num-batched-tokens", type=int, default=512,
+                   help="tokens in one packed forward step; longer prompts are prefilled in chunks" + d)
+    g.add_argument("--block-size", type=int, default=16, help="tokens per KV-cache block" + d)
+    g.add_argument("--kv-cache-memory-gb", type=float, default=2.0,
+                   help="memory for the KV cache, in GiB, unless --num-kv-blocks is set" + d)
+    g.add_argument("--num-kv-blocks", "--num-gpu-blocks-override", dest="num_kv_blocks", type=int, default=None,
+                   help="exact number of KV-cache blocks (default: sized from --kv-cache-memory-gb)")
+
+    g = p.add_argument_group("LoRA adapters")
+    g.add_argument("--enable-lora", action="store_true", help="serve LoRA adapters")
+    g.add_argument("--lora-modules", nargs="+", default=[], metavar="NAME=PATH",
+                   help='adapters to serve, each NAME=PATH or JSON {"name": ..., "path": ..., '
+                        '"base_model_name": ...}; each NAME becomes a model name; needs --enable-lora')
+    g.add_argument("--max-lora-rank", type=int, default=None,
+                   help="refuse adapters of a higher rank at load (never clips; default: no cap)")
+    g.add_argument("--max-loras", type=int, default=8, help="adapters resident in the running batch at once" + d)
+    g.add_argument("--max-cpu-loras", type=int, default=None,
+                   help="adapters kept in host memory, least recently used evicted first (default: no limit)")
+
+    g = p.add_argument_group("HTTP server")
+    g.add_argument("--host", default="127.0.0.1", help="address to listen on" + d)
+    g.add_argument("--port", type=int, default=8000, help="port to listen on" + d)
+    g.add_argument("--api-key", default=None,
+                   help="require `Authorization: Bearer KEY` on the API routes (/health, /version and "
+                        "/metrics stay open)")
+    g.add_argument("--uvicorn-log-level", default="info",
+                   choices=["critical", "error", "warning", "info", "debug", "trace"], help="uvicorn's log level" + d)
+    p.set_defaults(func=serve)
+
+
+def engine_config(args: argparse.Namespace) -> EngineConfig:
+    """The EngineConfig a parsed `serve` command asks for; raises LoRAModulesError on bad LoRA flags."""
+    modules: dict[str, str] = {}
+    for spec in args.lora_modules:
+        name, path, base = parse_lora_module(spec)
+        if name in modules:
+            raise LoRAModulesError(f"--lora-modules names {name!r} twice")
+        if base is not None and base not in {args.served_model_name, args.model}:
+            raise LoRAModulesError(f"--lora-modules entry {name!r} declares base_model_name {base!r}, but this "
+                                   f"server serves {args.served_model_name or args.model!r}")
+        modules[name] = path
+    if modules and not args.enable_lora:
+        raise LoRAModulesError("--lora-modules needs --enable-lora")
+    lora = LoRAConfig(enable_lora=args.enable_lora, lora_modules=modules, max_lora_rank=args.max_lora_rank,
+                      max_loras=args.max_loras, max_cpu_loras=args.max_cpu_loras)
+    return EngineConfig(
+        model=args.model, served_model_name=args.served_model_name, dtype=args.dtype, device=args.device,
+        max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs,
+        max_num_batched_tokens=args.max_num_batched_tokens, block_size=args.block_size,
+        num_kv_blocks=args.num_kv_blocks, kv_cache_memory_gb=args.kv_cache_memory_gb, seed=args.seed,
+        trust_remote_code=args.trust_remote_code, lora=lora)
+
+
+def serve(args: argparse.Namespace) -> None:
+    # Imported here so `loraserve --help` and the parser tests do not pay for torch.
+    import uvicorn
+
+    from loraserve.engine.async_engine import AsyncEngine
+    from loraserve.engine.llm_engine import RequestError
+    from loraserve.model.loader import ModelLoadError
+    from loraserve.server.api_server import build_app
+
+    config = engine_config(args)
+    try:
+        engine = AsyncEngine(config)
+    except (ModelLoadError, RequestError) as err:
+        raise SystemExit(f"loraserve serve: error: {err}") from None
+    app = build_app(engine, api_key=args.api_key)
+    logging.getLogger(__name__).info("serving %s on http://%s:%d", ", ".join(engine.model_names()),
+                                     args.host, args.port)
+    uvicorn.run(app, host=args.host, port=args.port, log_level=args.uvicorn_log_level)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="loraserve", description="One base model plus many LoRA adapters behind an OpenAI-compatible API.")
+    parser.add_argument("--version", action="version", version=f"loraserve {__version__}")
+    subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    add_serve_parser(subparsers)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(asctime)s %(name)s: %(message)s")
+    try:
+        args.func(args)
+    except LoRAModulesError as err:
+        parser.error(str(err))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,121 @@
+"""The `loraserve` command: vLLM's flag names map onto EngineConfig, every flag is documented, bad
+LoRA flags are refused with a message, and `serve` really starts a server."""
+
+import argparse
+import json
+import socket
+import subprocess
+import sys
+import time
+
+import httpx
+import pytest
+
+from loraserve.cli import build_parser, engine_config, main
+from loraserve.config import EngineConfig, LoRAConfig
+from server_fixtures import build_tiny_llama
+
+
+def serve_config(*argv: str) -> EngineConfig:
+    return engine_config(build_parser().parse_args(["serve", *argv]))
+
+
+def serve_parser() -> argparse.ArgumentParser:
+    subparsers = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    return subparsers.choices["serve"]
+
+
+def test_defaults_are_the_engine_configs_defaults():
+    assert serve_config("some/model") == EngineConfig(model="some/model")
+
+
+def test_vllm_flags_map_onto_engine_config():
+    config = serve_config(
+        "m.gguf", "--served-model-name", "smol", "--max-model-len", "2048", "--dtype", "float32",
+        "--device", "cpu", "--max-num-seqs", "8", "--max-num-batched-tokens", "256", "--seed", "3",
+        "--block-size", "32", "--kv-cache-memory-gb", "0.5", "--num-gpu-blocks-override", "100",
+        "--trust-remote-code", "--enable-lora", "--lora-modules", "a=/ad/a",
+        '{"name": "b", "path": "/ad/b", "base_model_name": "smol"}', "--max-lora-rank", "64",
+        "--max-loras", "4", "--max-cpu-loras", "16")
+    assert config == EngineConfig(
+        model="m.gguf", served_model_name="smol", max_model_len=2048, dtype="float32", device="cpu",
+        max_num_seqs=8, max_num_batched_tokens=256, seed=3, block_size=32, kv_cache_memory_gb=0.5,
+        num_kv_blocks=100, trust_remote_code=True,
+        lora=LoRAConfig(enable_lora=True, lora_modules={"a": "/ad/a", "b": "/ad/b"}, max_lora_rank=64,
+                        max_loras=4, max_cpu_loras=16))
+
+
+def test_help_documents_every_flag(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["serve", "--help"])
+    assert exit_info.value.code == 0
+    text = " ".join(capsys.readouterr().out.split())
+    for action in serve_parser()._actions:
+        assert action.help, f"{action.dest} has no help"
+        for flag in action.option_strings:
+            assert flag in text
+    for flag in ("--served-model-name", "--max-model-len", "--dtype", "--host", "--port", "--api-key",
+                 "--max-num-seqs", "--max-num-batched-tokens", "--seed", "--enable-lora", "--lora-modules",
+                 "--max-lora-rank", "--max-loras", "--max-cpu-loras", "--device", "--trust-remote-code"):
+        assert flag in text
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--enable-lora", "--lora-modules", "just-a-name"], "is not NAME=PATH"),
+    (["--enable-lora", "--lora-modules", "=path"], "is not NAME=PATH"),
+    (["--enable-lora", "--lora-modules", '{"name": "a"'], "not valid JSON"),
+    (["--enable-lora", "--lora-modules", '{"name": "a", "path": "/p", "rank": 8}'], "unknown keys: rank"),
+    (["--enable-lora", "--lora-modules", '{"name": "a"}'], "needs string 'name' and 'path'"),
+    (["--enable-lora", "--lora-modules", "a=/x", "a=/y"], "names 'a' twice"),
+    (["--lora-modules", "a=/x"], "needs --enable-lora"),
+    (["--enable-lora", "--lora-modules", json.dumps({"name": "a", "path": "/p", "base_model_name": "other"})],
+     "declares base_model_name 'other'"),
+])
+def test_bad_lora_flags_are_refused_with_a_message(capsys, argv, message):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["serve", "some/model", *argv])
+    assert exit_info.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_serve_starts_a_server(tmp_path_factory):
+    model_dir = build_tiny_llama(tmp_path_factory.getbasetemp() / "tiny-llama")
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "loraserve.cli", "serve", str(model_dir), "--port", str(port),
+         "--served-model-name", "cli-tiny", "--dtype", "float32", "--device", "cpu", "--max-model-len", "128",
+         "--num-kv-blocks", "32", "--api-key", "k"],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.monotonic() + 90
+        while True:
+            assert proc.poll() is None, proc.stdout.read()
+            try:
+                if httpx.get(url + "/health").status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert time.monotonic() < deadline, "the server did not come up"
+            time.sleep(0.2)
+        models = httpx.get(url + "/v1/models", headers={"Authorization": "Bearer k"}).json()
+        assert [(m["id"], m["max_model_len"]) for m in models["data"]] == [("cli-tiny", 128)]
+        res = httpx.post(url + "/v1/completions", headers={"Authorization": "Bearer k"},
+                         json={"model": "cli-tiny", "prompt": "hi", "max_tokens": 3, "ignore_eos": True})
+        assert res.json()["usage"]["completion_tokens"] == 3
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+
+
+def test_serve_refuses_a_missing_model_path_cleanly(tmp_path):
+    res = subprocess.run([sys.executable, "-m", "loraserve.cli", "serve", str(tmp_path / "nothing")],
+                         capture_output=True, text=True, timeout=120)
+    assert res.returncode == 1
+    assert "does not exist" in res.stderr and "Traceback" not in res.stderr
