@@ -16,6 +16,8 @@ from loraserve.engine.outputs import RequestOutput
 from loraserve.engine.sampling_params import SamplingParams
 from loraserve.engine.scheduler import Scheduler
 from loraserve.engine.sequence import Sequence
+from loraserve.lora.adapter import AdapterError
+from loraserve.lora.manager import LoRAManager
 from loraserve.model.attention import ATTN_NAME
 from loraserve.model.loader import load_model
 from loraserve.model.sampler import Sampler
@@ -60,13 +62,15 @@ class LLMEngine:
         self.max_model_len = self._max_model_len(config)
         self.eos_ids = eos_token_ids(model, tokenizer)
 
-        specs = cache_specs(model)
+        specs = cache_specs(model)   # before LoRA wrapping swaps the projections
+        self.lora = self._load_adapters(config) if config.lora.enable_lora else None
         num_blocks = config.num_kv_blocks or int(
             config.kv_cache_memory_gb * 2**30 // (KVCache.bytes_per_token(specs, self.dtype) * config.block_size))
         self.kv_cache = KVCache(specs, num_blocks, config.block_size, self.dtype, self.device)
         self.blocks = BlockManager(num_blocks, config.block_size)
         self.scheduler = Scheduler(self.blocks, config.max_num_seqs,
-                                   max(config.max_num_batched_tokens, config.max_num_seqs))
+                                   max(config.max_num_batched_tokens, config.max_num_seqs),
+                                   self._acquire_lora, self._release_lora)
         self.runner = ModelRunner(self.model, self.kv_cache, self.device)
         self.sampler = Sampler(config.seed)
         self.seqs: dict[str, Sequence] = {}
@@ -84,13 +88,46 @@ class LLMEngine:
                                f"max_position_embeddings {limit}")
         return config.max_model_len
 
+    def _load_adapters(self, config: EngineConfig) -> LoRAManager:
+        """Load every --lora-modules adapter; if any is bad, refuse to start and name each one and why."""
+        manager = LoRAManager(self.model, config.lora.max_loras, config.lora.max_lora_rank)
+        errors = []
+        for name, path in config.lora.lora_modules.items():
+            if name == self.served_model_name:
+                errors.append(f"{name}: an adapter cannot take the base model's name")
+                continue
+            try:
+                log.info("loaded adapter %s", manager.load(name, path).summary())
+            except AdapterError as e:
+                errors.append(f"{name} ({path}): {e}")
+        if errors:
+            raise AdapterError("refusing to start, bad adapters:\n  " + "\n  ".join(errors))
+        return manager
+
+    def _acquire_lora(self, seq: Sequence) -> bool:
+        """Give a sequence its adapter's device slot; False (wait) while every slot is pinned."""
+        if seq.lora_name is None:
+            return True
+        try:
+            seq.lora_slot = self.lora.activate(seq.lora_name)
+        except AdapterError:
+            return False
+        return True
+
+    def _release_lora(self, seq: Sequence) -> None:
+        if seq.lora_name is not None and seq.lora_slot >= 0:
+            self.lora.release(seq.lora_name)
+            seq.lora_slot = -1
+
     def model_names(self) -> list[str]:
-        return [self.served_model_name]
+        return [self.served_model_name] + (self.lora.names() if self.lora else [])
 
     def resolve_model(self, name: str | None) -> str | None:
         """Map a request's model name to an adapter name (None = the base), or raise UnknownModelError."""
         if name is None or name == self.served_model_name:
             return None
+        if self.lora is not None and name in self.lora.adapters:
+            return name
         raise UnknownModelError(name, self.model_names())
 
     def check_request(self, prompt_token_ids: list[int], params: SamplingParams, model: str | None) -> str | None:

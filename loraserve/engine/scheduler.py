@@ -49,12 +49,15 @@ class Scheduler:
             batch.append((seq, n))
             scheduled.add(seq.seq_id)
             budget -= n
-        while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
-            seq = self.waiting[0]
-            n = min(seq.num_uncomputed_tokens, budget)
-            if not self.blocks.can_grow(seq, n) or not self.acquire_lora(seq):
+        for seq in list(self.waiting):
+            if budget == 0 or len(self.running) >= self.max_num_seqs:
                 break
-            self.waiting.popleft()
+            n = min(seq.num_uncomputed_tokens, budget)
+            if not self.blocks.can_grow(seq, n):
+                break                     # first come, first served for memory
+            if not self.acquire_lora(seq):
+                continue                  # its adapter waits for a slot; others may still run
+            self.waiting.remove(seq)
             self.blocks.grow(seq, n)
             seq.status = SequenceStatus.RUNNING
             self.running.append(seq)

@@ -1,0 +1,105 @@
+"""Adapters through the whole engine: mixed adapters and the base in the same packed steps (chunked
+prefill and decodes), each row's logits equal PEFT's for its own adapter, and the base's tokens are
+bit-identical whichever adapters are loaded or share its batch."""
+
+import copy
+
+import pytest
+import torch
+from peft import PeftModel
+
+from lora_fixtures import make_adapter
+from loraserve.config import EngineConfig, LoRAConfig
+from loraserve.engine.llm_engine import LLMEngine, UnknownModelError
+from loraserve.engine.sampling_params import SamplingParams
+from loraserve.lora.adapter import AdapterError
+from test_engine_parity import record_logits
+from tiny_models import VOCAB, IdTokenizer, tiny_model
+
+ALL_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+GREEDY = SamplingParams(max_tokens=8, temperature=0, ignore_eos=True)
+
+
+@pytest.fixture(scope="module")
+def adapters(tmp_path_factory):
+    _, base = tiny_model("llama")
+    root = tmp_path_factory.mktemp("adapters")
+    return {
+        "a": make_adapter(base, root / "a", seed=1, r=4, target_modules=ALL_LINEAR),
+        "b": make_adapter(base, root / "b", seed=2, r=8, lora_alpha=32, target_modules=["q_proj", "v_proj"]),
+        "c": make_adapter(base, root / "c", seed=3, r=2, use_rslora=True, target_modules=["o_proj", "down_proj"]),
+    }
+
+
+def lora_engine(adapters: dict, max_loras: int = 4, **overrides) -> LLMEngine:
+    model, _ = tiny_model("llama")
+    cfg = {"model": "tiny", "num_kv_blocks": 128, "block_size": 4, "max_num_batched_tokens": 16, "max_num_seqs": 8,
+           "lora": LoRAConfig(enable_lora=True, lora_modules={k: str(v) for k, v in adapters.items()},
+                              max_loras=max_loras)}
+    cfg.update(overrides)
+    return LLMEngine(EngineConfig(**cfg), model, IdTokenizer())
+
+
+def prompts(n: int, seed: int = 0) -> list[list[int]]:
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(0, VOCAB, (5 + 4 * i,), generator=g).tolist() for i in range(n)]
+
+
+def run(engine: LLMEngine, reqs: list[tuple[list[int], str | None]]) -> dict[str, list[int]]:
+    for i, (p, model) in enumerate(reqs):
+        engine.add_request(f"r{i}", p, SamplingParams(**vars(GREEDY)), model=model)
+    done = {}
+    while engine.has_unfinished():
+        done.update({o.request_id: o.prompt_token_ids + o.output_token_ids for o in engine.step() if o.finished})
+    return done
+
+
+@pytest.mark.parametrize("max_loras", [4, 2])   # 2 slots for 3 adapters: requests wait for a slot
+def test_mixed_adapters_match_peft(adapters, max_loras):
+    engine = lora_engine(adapters, max_loras=max_loras)
+    assert engine.model_names() == ["tiny", "a", "b", "c"]
+    batches = []
+    seen = record_logits(engine, batches)
+    names = [None, "a", "b", "c", "a", None, "c", "b"]
+    reqs = list(zip(prompts(len(names)), names))
+    done = run(engine, reqs)
+    _, base = tiny_model("llama")
+    oracles = {None: base}
+    oracles.update({k: PeftModel.from_pretrained(copy.deepcopy(base), str(v)).eval() for k, v in adapters.items()})
+    with torch.no_grad():
+        for i, (_, name) in enumerate(reqs):
+            tokens = done[f"r{i}"]
+            ref = oracles[name](torch.tensor([tokens])).logits[0]
+            rows = [(n, lg) for r, n, lg in seen if r == f"r{i}"]
+            assert len(rows) == GREEDY.max_tokens
+            for n, lg in rows:
+                diff = (lg - ref[n - 1]).abs().max().item()
+                assert diff < 1e-4, f"request {i} ({name}) at position {n - 1}: max abs diff {diff}"
+    assert engine.blocks.num_free == engine.blocks.num_blocks
+    assert sum(engine.lora.pins.values()) == 0
+
+
+def test_base_and_adapter_outputs_do_not_depend_on_batch_neighbours(adapters):
+    p = prompts(4, seed=5)
+    alone = run(lora_engine({}), [(p[0], None)])["r0"]
+    with_neighbours = run(lora_engine(adapters), [(p[0], None), (p[1], "a"), (p[2], "b"), (p[3], "c")])
+    assert with_neighbours["r0"] == alone
+    a_alone = run(lora_engine(adapters), [(p[1], "a")])["r0"]
+    a_with_others = run(lora_engine(adapters), [(p[2], "c"), (p[1], "a"), (p[3], "b"), (p[0], None)])["r1"]
+    assert a_with_others == a_alone
+    assert a_alone != run(lora_engine({}), [(p[1], None)])["r0"]    # the adapter does change the output
+
+
+def test_unknown_adapter_name_lists_served_models(adapters):
+    engine = lora_engine(adapters)
+    with pytest.raises(UnknownModelError, match="Served models: tiny, a, b, c"):
+        engine.add_request("x", [1, 2, 3], GREEDY, model="d")
+
+
+def test_bad_adapters_stop_start_up_and_are_all_named(adapters, tmp_path):
+    _, base = tiny_model("llama")
+    untrained = make_adapter(base, tmp_path / "untrained", randomize_weights=False)
+    with pytest.raises(AdapterError) as err:
+        lora_engine({"good": adapters["a"], "zero": untrained, "missing": tmp_path / "nope"})
+    message = str(err.value)
+    assert "zero" in message and "missing" in message and "good (" not in message
