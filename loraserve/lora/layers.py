@@ -2,14 +2,16 @@
 
 Each layer wraps the base module and holds every resident adapter's weights in stacked per-slot
 buffers. The packed batch says, per token, which slot applies (`get_context().lora`). The base module
-runs on all tokens exactly as without LoRA; then only the rows with a slot are recomputed and written
-back, so base rows are bit-identical to the base model whatever shares the batch.
+runs on all tokens exactly as without LoRA; adapter rows are then replaced by `torch.where`, so base
+rows are the base output bit for bit whatever shares the batch.
 
-All slots are handled in one shot (no Python per token or per slot): h = x A_all^T gives every
-slot's down-projection; a one-hot mask (carrying each row's scaling) keeps only the row's own slot;
-one matmul with the stacked B^T finishes the delta. Zeros from other slots add exactly nothing, so a
-row's value does not depend on the other rows' adapters. The cost grows with max_loras * rank, which
-is small next to the base matmul at serving sizes.
+All slots are handled in one shot (no Python per token, static shapes): h = x A_all^T gives every
+slot's down-projection; a one-hot mask (carrying each row's scaling, zero for base rows) keeps only the
+row's own slot; one matmul with the stacked B^T finishes the delta. Zeros from other slots add exactly
+nothing. The matmuls run over all T tokens, not just the adapter rows, on purpose: a GEMM's per-row
+result can change with its row count, so computing over a subset whose size depends on the other
+requests would make a row's value depend on them. The cost grows with max_loras * rank, small next
+to the base matmul at serving sizes.
 """
 
 import torch
@@ -17,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
 
-from loraserve.engine.context import LoRABatch, get_context
+from loraserve.engine.context import get_context
 from loraserve.lora.adapter import ModuleDelta
 
 
@@ -39,6 +41,9 @@ class _MultiLoRA(nn.Module):
         self.full: dict[int, dict[str, torch.Tensor]] = {}
         self.token_cols: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         self.slots_used: set[int] = set()
+        # Which of the batch's tokens this module sees, when not all: the output head under
+        # `logits_to_keep` (set by LoRAManager's hook on the model's forward).
+        self.token_index: torch.Tensor | None = None
 
     @property
     def weight(self) -> torch.Tensor:
@@ -79,28 +84,31 @@ class _MultiLoRA(nn.Module):
                 self.full[slot]["bias"] = delta.full_bias.to(dev, dt)
         self.slots_used.add(slot)
 
-    def _lora_delta(self, a_rows: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
-        """Scaled B(A x) for each row under its own slot; `a_rows` is [N, L, r], A already applied."""
-        n, L, r = a_rows.shape
-        mask = torch.zeros(n, L, dtype=a_rows.dtype, device=a_rows.device)
-        mask.scatter_(1, slots[:, None], self.scaling[slots][:, None])
-        return (a_rows * mask[:, :, None]).reshape(n, L * r) @ self.lora_bt.reshape(L * r, -1)
+    def _lora_delta(self, a_rows: torch.Tensor, slots: torch.Tensor, on: torch.Tensor) -> torch.Tensor:
+        """Scaled B(A x) for each row under its own slot (zero for base rows); `a_rows` [T, L, r] is A x
+        under every slot."""
+        t, L, r = a_rows.shape
+        mask = torch.zeros(t, L, dtype=a_rows.dtype, device=a_rows.device)
+        mask.scatter_(1, slots[:, None], (self.scaling[slots] * on)[:, None])
+        return (a_rows * mask[:, :, None]).reshape(t, L * r) @ self.lora_bt.reshape(L * r, -1)
 
-    def _replace_full(self, new: torch.Tensor, inp: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
+    def _replace_full(self, new: torch.Tensor, inp: torch.Tensor, token_slots: torch.Tensor) -> torch.Tensor:
         """Rows of slots holding a full module copy (modules_to_save) take that copy's output."""
         for slot, params in self.full.items():
             out = functional_call(self.base_layer, params, (inp,))
-            new = torch.where((slots == slot)[:, None], out, new)
+            new = torch.where((token_slots == slot)[:, None], out, new)
         return new
 
-    def _batch(self, t: torch.Tensor) -> LoRABatch | None:
+    def _token_slots(self, n_tokens: int) -> torch.Tensor | None:
+        """Per-token slots for this call, or None when the base output is the answer."""
         lora = get_context().lora
         if lora is None or not lora.any_lora or not self.slots_used:
             return None
-        if t.numel() != lora.token_slots.numel():
-            raise RuntimeError(f"multi-LoRA layer got {t.numel()} tokens but the batch has "
-                               f"{lora.token_slots.numel()} token slots")
-        return lora
+        token_slots = lora.token_slots if self.token_index is None else lora.token_slots[self.token_index]
+        if n_tokens != token_slots.numel():
+            raise RuntimeError(f"multi-LoRA layer got {n_tokens} tokens but the batch has "
+                               f"{token_slots.numel()} token slots")
+        return token_slots
 
 
 class MultiLoRALinear(_MultiLoRA):
@@ -152,30 +160,26 @@ class MultiLoRALinear(_MultiLoRA):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.base_layer(x)
-        lora = self._batch(x[..., 0])
-        if lora is None:
+        token_slots = self._token_slots(x[..., 0].numel())
+        if token_slots is None:
             return y
-        rows, slots = lora.rows, lora.slots
-        xs = x.reshape(-1, self.in_features)[rows]
-        y2 = y.view(-1, self.out_features)
-        base_rows = y2[rows]
+        on, slots = token_slots >= 0, token_slots.clamp(min=0)
+        x2, y2 = x.reshape(-1, self.in_features), y.reshape(-1, self.out_features)
         L, r = self.lora_a.shape[:2]
-        new = base_rows
-        d = self._lora_delta(F.linear(xs, self.lora_a.reshape(L * r, -1)).view(-1, L, r), slots) if r else None
+        d = self._lora_delta(F.linear(x2, self.lora_a.reshape(L * r, -1)).view(-1, L, r), slots, on) if r else None
         if self.bias_delta is not None:  # bias="all" may change the bias of modules without LoRA
             d = self.bias_delta[slots] if d is None else d + self.bias_delta[slots]
-        if d is not None:
-            new = base_rows + d
-            if self.is_dora is not None:
-                # DoRA: g * (W x + s B A x) + bias, with g = magnitude / ||W + s B A||.
-                g = self.dora_scale[slots]
-                b = self.bias if self.bias is not None else 0
-                new = torch.where(self.is_dora[slots][:, None], g * (base_rows - b + d) + b, new)
-        new = self._replace_full(new, xs, slots)
+        new = y2 if d is None else y2 + d
+        if self.is_dora is not None:
+            # DoRA: g * (W x + s B A x) + bias, with g = magnitude / ||W + s B A||.
+            g = self.dora_scale[slots]
+            b = self.bias if self.bias is not None else 0
+            new = torch.where(self.is_dora[slots][:, None], g * (y2 - b + d) + b, new)
+        new = self._replace_full(new, x2, token_slots)
         for slot, (cols, values) in self.token_cols.items():
-            new[:, cols] = torch.where((slots == slot)[:, None], xs @ values.t(), new[:, cols])
-        y2.index_copy_(0, rows, new)
-        return y
+            new = new.clone() if new is y2 else new
+            new[:, cols] = torch.where((token_slots == slot)[:, None], x2 @ values.t(), new[:, cols])
+        return torch.where(on[:, None], new, y2).view_as(y)
 
 
 class MultiLoRAEmbedding(_MultiLoRA):
@@ -209,21 +213,19 @@ class MultiLoRAEmbedding(_MultiLoRA):
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         y = self.base_layer(ids)
-        lora = self._batch(ids)
-        if lora is None:
+        token_slots = self._token_slots(ids.numel())
+        if token_slots is None:
             return y
-        rows, slots = lora.rows, lora.slots
-        ids_r = ids.reshape(-1)[rows]
-        y2 = y.view(-1, self.embedding_dim)
-        new = y2[rows]
+        on, slots = token_slots >= 0, token_slots.clamp(min=0)
+        ids2, y2 = ids.reshape(-1), y.reshape(-1, self.embedding_dim)
+        new = y2
         L, r = self.lora_a.shape[:2]
-        if r > 0:
-            a_rows = self.lora_a.permute(0, 2, 1)[:, ids_r].permute(1, 0, 2)  # [N, L, r]
-            new = new + self._scale(self._lora_delta(a_rows, slots))
-        new = self._replace_full(new, ids_r, slots)
+        if r:
+            a_rows = self.lora_a.permute(0, 2, 1)[:, ids2].permute(1, 0, 2)  # [T, L, r]: A's column per token
+            new = y2 + self._scale(self._lora_delta(a_rows, slots, on))
+        new = self._replace_full(new, ids2, token_slots)
         if self.token_pos is not None:
-            pos = self.token_pos[slots, ids_r]
+            pos = self.token_pos[slots, ids2]
             replaced = self._scale(self.token_values[slots, pos.clamp(min=0)])
             new = torch.where((pos >= 0)[:, None], replaced, new)
-        y2.index_copy_(0, rows, new)
-        return y
+        return torch.where(on[:, None], new, y2).view_as(y)

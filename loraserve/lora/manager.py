@@ -9,6 +9,7 @@ pinned; unpinned resident adapters stay warm and are evicted least-recently-used
 import time
 from collections import Counter, OrderedDict
 from dataclasses import dataclass, field
+from functools import partial
 
 import torch
 from torch import nn
@@ -74,6 +75,9 @@ class LoRAManager:
             layer = cls(module, self.max_loras).to(self.device)
             setattr(parent, attr, layer)
             self.layers[name] = layer
+        head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+        if isinstance(head, MultiLoRALinear):
+            model.register_forward_pre_hook(partial(_note_kept_tokens, head), with_kwargs=True)
         return len(targets)
 
     def load(self, name: str, path: str) -> LoadReport:
@@ -149,6 +153,20 @@ class LoRAManager:
             layer.clear_slot(slot)
         self.slot_owner[slot] = None
         self._recent.pop(slot, None)
+
+
+def _note_kept_tokens(head: MultiLoRALinear, module: nn.Module, args: tuple, kwargs: dict) -> None:
+    """HF causal LMs run the output head only on the `logits_to_keep` positions; tell the head which of
+    the batch's tokens those are, so each gets its own adapter slot."""
+    keep = kwargs.get("logits_to_keep", 0)
+    ids = kwargs.get("input_ids", args[0] if args else None)
+    if ids is None:
+        ids = kwargs["inputs_embeds"][..., 0]
+    if isinstance(keep, int) and keep == 0:
+        head.token_index = None
+        return
+    grid = torch.arange(ids.numel(), device=ids.device).view(ids.shape[:2])
+    head.token_index = (grid[:, -keep:] if isinstance(keep, int) else grid[:, keep]).reshape(-1)
 
 
 def _report(adapter: LoRAAdapter, seconds: float) -> LoadReport:
