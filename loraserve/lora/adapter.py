@@ -180,7 +180,8 @@ def _split_key(key: str) -> tuple[str, str]:
 
 
 def _is_listed(name: str, modules: list[str] | None) -> bool:
-    return bool(modules) and any(re.match(rf"(^|.*\.){m}$", name) for m in modules)
+    """Whether modules_to_save copies `name`: PEFT matches a plain name suffix ("norm" covers "input_layernorm")."""
+    return bool(modules) and any(name.endswith(m) for m in modules)
 
 
 def build_adapter(name: str, path: str, config: dict, tensors: dict[str, torch.Tensor], model: nn.Module,
