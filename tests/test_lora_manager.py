@@ -81,6 +81,7 @@ def test_lru_eviction_and_slot_reuse(setup) -> None:
     sx, sy = manager.activate("x"), manager.activate("y")
     with pytest.raises(AdapterError, match="all 2 LoRA slots are in use"):
         manager.activate("z")
+    assert manager.try_activate("z") is None
     manager.release("x")
     manager.release("y")
     assert manager.activate("y") == sy  # still resident: no reload, and now most recently used

@@ -120,6 +120,13 @@ class LoRAManager:
         self.pins[name] += 1
         return slot
 
+    def try_activate(self, name: str) -> int | None:
+        """`activate`, or None when every slot is pinned by running sequences (the scheduler waits)."""
+        self._get(name)
+        if self.slot_of(name) is None and None not in self.slot_owner and all(self.pins[n] for n in self.slot_owner):
+            return None
+        return self.activate(name)
+
     def release(self, name: str) -> None:
         """One user of `name` is done; at zero users its slot may be reused (it stays warm until then)."""
         if self.pins[name] <= 0:
