@@ -108,10 +108,10 @@ class LLMEngine:
         """Give a sequence its adapter's device slot; False (wait) while every slot is pinned."""
         if seq.lora_name is None:
             return True
-        try:
-            seq.lora_slot = self.lora.activate(seq.lora_name)
-        except AdapterError:
+        slot = self.lora.try_activate(seq.lora_name)
+        if slot is None:
             return False
+        seq.lora_slot = slot
         return True
 
     def _release_lora(self, seq: Sequence) -> None:
