@@ -116,13 +116,14 @@ def serve(args: argparse.Namespace) -> None:
 
     from loraserve.engine.async_engine import AsyncEngine
     from loraserve.engine.llm_engine import RequestError
+    from loraserve.lora.adapter import AdapterError
     from loraserve.model.loader import ModelLoadError
     from loraserve.server.api_server import build_app
 
     config = engine_config(args)
     try:
         engine = AsyncEngine(config)
-    except (ModelLoadError, RequestError) as err:
+    except (ModelLoadError, RequestError, AdapterError) as err:
         raise SystemExit(f"loraserve serve: error: {err}") from None
     app = build_app(engine, api_key=args.api_key)
     logging.getLogger(__name__).info("serving %s on http://%s:%d", ", ".join(engine.model_names()),

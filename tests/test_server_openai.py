@@ -2,15 +2,19 @@
 against uvicorn on loopback, a real AsyncEngine, a tiny random Llama with SmolLM2's tokenizer."""
 
 import asyncio
+import copy
 
 import httpx
 import openai
 import pytest
 import torch
+from peft import PeftModel
 from prometheus_client.parser import text_string_to_metric_families
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from lora_fixtures import make_adapter
 from loraserve import __version__
+from loraserve.config import LoRAConfig
 from loraserve.engine.async_engine import AsyncEngine
 from server_fixtures import MAX_MODEL_LEN, ServerThread, build_tiny_llama, tiny_engine_config, wait_until
 
@@ -266,3 +270,30 @@ def test_client_disconnect_before_a_non_streaming_answer_frees_every_kv_block(se
         httpx.post(server.url + "/v1/completions", json=body, timeout=0.3)
     assert wait_until(lambda: all_blocks_free(server.engine)), server.engine.stats()
     assert metric(server.url, "vllm:request_success_total", {"finished_reason": "abort"}) == aborted + 1
+
+
+@pytest.fixture(scope="module")
+def lora_server(model_dir, hf_model, tmp_path_factory):
+    adapter = make_adapter(hf_model, tmp_path_factory.mktemp("adapters") / "canary", seed=3,
+                           target_modules=["q_proj", "v_proj", "down_proj"])
+    config = tiny_engine_config(model_dir, lora=LoRAConfig(enable_lora=True, lora_modules={"canary": str(adapter)}))
+    with ServerThread(AsyncEngine(config)) as s:
+        yield s, adapter
+
+
+def test_adapters_are_listed_and_served_exactly(lora_server, hf_model, tokenizer):
+    server, adapter = lora_server
+    client = openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0)
+    cards = {m.id: m for m in client.models.list().data}
+    assert list(cards) == [MODEL, "canary"]
+    assert (cards["canary"].root, cards["canary"].parent) == (str(adapter), MODEL)
+
+    prompt = tokenizer.encode("The adapter says")
+    peft_model = PeftModel.from_pretrained(copy.deepcopy(hf_model), str(adapter)).eval()
+    answers = {}
+    for name, reference in ((MODEL, hf_model), ("canary", peft_model)):
+        res = client.completions.create(model=name, prompt=prompt, max_tokens=10, temperature=0, logprobs=0,
+                                        extra_body=AS_IDS)
+        answers[name] = token_ids(res.choices[0].logprobs.tokens)
+        assert answers[name] == hf_greedy(reference, prompt, 10), name
+    assert answers[MODEL] != answers["canary"]

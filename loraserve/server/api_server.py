@@ -101,8 +101,8 @@ def build_app(engine, api_key: str | None = None) -> FastAPI:
     @keyed.get("/v1/models")
     async def list_models() -> JSONResponse:
         base = engine.served_model_name
-        config = engine.engine.config
-        cards = [ModelCard(id=name, root=config.model if name == base else config.lora.lora_modules[name],
+        llm = engine.engine
+        cards = [ModelCard(id=name, root=llm.config.model if name == base else llm.lora.adapters[name].path,
                            parent=None if name == base else base, max_model_len=engine.max_model_len)
                  for name in engine.model_names()]
         return JSONResponse(ModelList(data=cards).model_dump())
