@@ -184,3 +184,13 @@ def test_right_api_key_serves_and_probes_need_none(keyed_server):
     assert [m.id for m in client(keyed_server.url, KEY).models.list().data] == [MODEL]
     for path in ("/health", "/version", "/metrics"):
         assert httpx.get(keyed_server.url + path).status_code == 200
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_request_larger_than_the_whole_kv_cache_is_400_before_streaming(model_dir, stream):
+    """8 blocks of 16 tokens hold 128 tokens: a 200-token request fits the context but never the cache."""
+    with ServerThread(AsyncEngine(tiny_engine_config(model_dir, num_kv_blocks=8))) as small:
+        res = httpx.post(small.url + COMPLETIONS, json={"prompt": list(range(100, 200)), "max_tokens": 100,
+                                                        "stream": stream})
+        assert "128" in error_of(res, 400, "invalid_value")["message"]
+        assert_still_serves(small.url)

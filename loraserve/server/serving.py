@@ -115,9 +115,11 @@ class OpenAIServing:
                 f"{num_prompt_tokens + max_tokens} tokens ({num_prompt_tokens} in the prompt, {max_tokens} "
                 "for the completion). Please reduce the prompt or max_tokens.", param="max_tokens")
 
-    def sub_requests(self, req: SamplingFields, prompts: list[list[int]], max_tokens: list[int],
+    def sub_requests(self, req: SamplingFields, model: str, prompts: list[list[int]], max_tokens: list[int],
                      logprobs: int | None, prefix: str) -> list[SubRequest]:
-        """Validate everything, then expand prompts x n into engine requests."""
+        """Validate everything, then expand prompts x n into engine requests. The engine's own
+        check (e.g. the whole KV cache too small for the request) runs here too, so that it also
+        reaches a streaming client as a 4xx status."""
         try:
             req.check_n()
             params = [req.sampling_params(max_tokens[p], logprobs, i)
@@ -127,7 +129,15 @@ class OpenAIServing:
         for ids, m in zip(prompts, max_tokens):
             self.check_prompt_ids(ids)
             self.check_length(len(ids), m)
-        return [SubRequest(k, prompts[k // req.n], p, f"{prefix}-{k}") for k, p in enumerate(params)]
+        subs = [SubRequest(k, prompts[k // req.n], p, f"{prefix}-{k}") for k, p in enumerate(params)]
+        try:
+            for sub in subs[::req.n]:      # the n samples of a prompt differ only in their seed
+                self.engine.engine.check_request(sub.prompt_token_ids, sub.params, model)
+        except UnknownModelError as err:
+            raise ModelNotFound(str(err), param="model") from None
+        except ValueError as err:
+            raise InvalidValue(str(err)) from None
+        return subs
 
     def encode(self, text: str) -> list[int]:
         return self.tokenizer.encode(text)
@@ -228,7 +238,7 @@ class OpenAIServing:
             raise InvalidValue("The prompt is empty: send at least one token of prompt", param="prompt")
         if req.logprobs is not None and not 0 <= req.logprobs <= 20:
             raise InvalidValue(f"logprobs must be in [0, 20], got {req.logprobs}", param="logprobs")
-        subs = self.sub_requests(req, prompts, [req.max_tokens] * len(prompts), req.logprobs, response_id)
+        subs = self.sub_requests(req, model, prompts, [req.max_tokens] * len(prompts), req.logprobs, response_id)
         return model, subs
 
     def completion_logprobs(self, items: list[tuple[int, TokenLogprob]], as_ids: bool,
@@ -304,7 +314,7 @@ class OpenAIServing:
             max_tokens = self.engine.max_model_len - len(ids)
             if max_tokens < 1:
                 self.check_length(len(ids), 1)
-        subs = self.sub_requests(req, [ids], [max_tokens], logprobs, response_id)
+        subs = self.sub_requests(req, model, [ids], [max_tokens], logprobs, response_id)
         return model, subs
 
     def chat_logprobs(self, items: list[tuple[int, TokenLogprob]], as_ids: bool) -> ChatLogprobs:
@@ -362,7 +372,7 @@ class OpenAIServing:
     def prepare_generate(self, req: GenerateRequest, response_id: str) -> tuple[str, list[SubRequest]]:
         model = self.resolve_model(req.model)
         ids = self.encode(req.prompt)
-        return model, self.sub_requests(req, [ids], [req.max_tokens], None, response_id)
+        return model, self.sub_requests(req, model, [ids], [req.max_tokens], None, response_id)
 
     def generate_response(self, req: GenerateRequest, subs: list[SubRequest],
                           states: list[ChoiceState]) -> GenerateResponse:
