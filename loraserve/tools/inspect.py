@@ -16,18 +16,8 @@ import torch
 from peft.utils.other import get_pattern_key
 
 from loraserve.lora.adapter import PREFIX, AdapterError, load_adapter, read_peft_dir
-from loraserve.tools.common import (
-    EXIT_OK,
-    EXIT_PROBLEM,
-    EXIT_USAGE,
-    UsageError,
-    adapter_dir,
-    emit,
-    load_base,
-    load_peft,
-    logits_of,
-    probe_inputs,
-)
+from loraserve.tools.common import EXIT_OK, EXIT_PROBLEM, EXIT_USAGE, UsageError, adapter_dir, emit
+from loraserve.tools.oracle import load_base, load_peft, logits_of, probe_inputs
 
 # Tensor-name suffixes PEFT writes, and what each one is.
 _KINDS = (
@@ -47,25 +37,6 @@ _OPTIONS = {
 }
 # Below this the adapter is indistinguishable from the base on the probes (float32 noise is ~1e-12).
 KL_NOTHING = 1e-9
-
-
-def add_parser(subparsers: argparse._SubParsersAction) -> None:
-    p = subparsers.add_parser(
-        "inspect", help="show what an adapter contains; with --base, whether it fits and what it changes",
-        description="Read a PEFT adapter directory: type and options, rank(s) and alpha(s) per module, "
-                    "target modules by type, tensor count and size, whether it is untrained (every lora_B "
-                    "zero). With --base: loraserve's full validation against that model (every tensor must "
-                    "map onto a module, shapes included) and the measured effect, the next-token KL "
-                    "divergence of adapter vs base on probe prompts. Exit 0: no problem; 1: a problem "
-                    "found; 2: usage error.")
-    p.add_argument("adapter", help="PEFT adapter directory (adapter_config.json + weights)")
-    p.add_argument("--base", default=None, help="base model (Hugging Face directory or .gguf) to check against")
-    p.add_argument("--json", action="store_true", help="print the result as JSON")
-    p.set_defaults(func=main)
-
-
-def main(args: argparse.Namespace) -> None:
-    raise SystemExit(run(args))
 
 
 def run(args: argparse.Namespace) -> int:

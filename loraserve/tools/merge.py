@@ -21,45 +21,11 @@ from transformers import AutoModelForCausalLM
 
 from loraserve.lora.adapter import AdapterError, load_adapter, served_modules
 from loraserve.model.loader import DTYPES
-from loraserve.tools.common import (
-    EXIT_OK,
-    EXIT_PROBLEM,
-    EXIT_USAGE,
-    UsageError,
-    adapter_dir,
-    emit,
-    load_base,
-    load_peft,
-    logits_of,
-    probe_inputs,
-)
+from loraserve.tools.common import EXIT_OK, EXIT_PROBLEM, EXIT_USAGE, UsageError, adapter_dir, emit
+from loraserve.tools.oracle import load_base, load_peft, logits_of, probe_inputs
 
 # PEFT is the oracle (DESIGN.md): float32 logits must agree to this absolute difference.
 FLOAT32_TOLERANCE = 1e-4
-
-
-def add_parser(subparsers: argparse._SubParsersAction) -> None:
-    p = subparsers.add_parser(
-        "merge", help="bake an adapter into its base model and prove the result equals PEFT",
-        description="Merge a PEFT LoRA adapter into its base model (embed_tokens / lm_head LoRA, "
-                    "modules_to_save, DoRA, trainable tokens, bias and tied embeddings included), write a "
-                    "safetensors model directory with the tokenizer, load it back and compare its logits "
-                    "with PeftModel's on probe prompts. Exit 0: merged and proven; 1: the adapter cannot "
-                    "be merged exactly or the proof failed; 2: usage error.")
-    p.add_argument("adapter", help="PEFT adapter directory (adapter_config.json + weights)")
-    p.add_argument("--base", required=True, help="base model: Hugging Face directory or .gguf file")
-    p.add_argument("--out", required=True, help="directory to write (must not exist or be empty)")
-    p.add_argument("--dtype", choices=list(DTYPES), default="float32",
-                   help="dtype of the written weights; merging and the proof run in float32 (default: %(default)s)")
-    p.add_argument("--tolerance", type=float, default=None,
-                   help="largest accepted |logit difference| against PeftModel, for the float32 merge and, when "
-                        f"--dtype float32, for the saved files (default: {FLOAT32_TOLERANCE})")
-    p.add_argument("--json", action="store_true", help="print the result as JSON")
-    p.set_defaults(func=main)
-
-
-def main(args: argparse.Namespace) -> None:
-    raise SystemExit(run(args))
 
 
 def run(args: argparse.Namespace) -> int:
