@@ -7,6 +7,7 @@ import logging
 
 from loraserve import __version__
 from loraserve.config import EngineConfig, LoRAConfig
+from loraserve.tools.cli import add_tool_parsers
 
 
 class LoRAModulesError(ValueError):
@@ -137,6 +138,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"loraserve {__version__}")
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     add_serve_parser(subparsers)
+    add_tool_parsers(subparsers)
     return parser
 
 
