@@ -21,8 +21,9 @@ from loraserve.lora.adapter import AdapterError, read_peft_dir
 from loraserve.tools.common import EXIT_OK, EXIT_PROBLEM, EXIT_USAGE, UsageError, adapter_dir, emit
 from loraserve.tools.inspect import describe
 
+VLLM_RULES_VERSION = "v0.11"
 VLLM_RULES_READ_FROM = (
-    "vLLM v0.11 (main branch, autumn 2025): vllm/config/lora.py, vllm/lora/peft_helper.py, "
+    f"vLLM {VLLM_RULES_VERSION} (main branch, autumn 2025): vllm/config/lora.py, vllm/lora/peft_helper.py, "
     "vllm/lora/lora_model.py (from_local_checkpoint), vllm/lora/utils.py (parse_fine_tuned_lora_name, "
     "is_base_embedding_weights, get_supported_lora_modules), vllm/lora/model_manager.py, "
     "vllm/model_executor/models/{llama,qwen2,qwen3,gemma3}.py")
@@ -314,5 +315,5 @@ def _text(r: dict) -> str:
     if any(f["fix"] == "retrain" for f in r["findings"]):
         lines.append("the adapter file holds no trained change: save it again after training")
     lines.append(f"requests should send model={r['request_model_name']!r}")
-    lines.append(f"(vLLM's rules as read from {r['vllm_rules_read_from']})")
+    lines.append(f"(vLLM's rules as read from vLLM {VLLM_RULES_VERSION}'s source; see `--json` for the files)")
     return "\n".join(lines)
