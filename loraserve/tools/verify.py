@@ -61,7 +61,7 @@ def run(args: argparse.Namespace) -> int:
         print("loraserve verify: error: --max-tokens must be at least 1", file=sys.stderr)
         return EXIT_USAGE
     result = verify(Client(args.url, args.api_key, args.timeout), args.model, args.base,
-                    args.prompt or list(PROBE_PROMPTS), args.expect, args.api, args.max_tokens)
+                    args.prompt or list(PROBE_PROMPTS), args.expect or None, args.api, args.max_tokens)
     emit(result, args.json, _text(result))
     return EXIT_OK if result["ok"] else EXIT_PROBLEM
 
