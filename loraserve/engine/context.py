@@ -16,6 +16,7 @@ class LoRABatch:
     rows: torch.Tensor                      # [N] int64, indices into T with slot >= 0
     slots: torch.Tensor                     # [N] int64, slot of each such row
     any_lora: bool
+    cache: dict = field(default_factory=dict, repr=False)   # per-step tensors the LoRA layers share
 
     @classmethod
     def from_token_slots(cls, token_slots: torch.Tensor) -> "LoRABatch":

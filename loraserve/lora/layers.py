@@ -6,12 +6,12 @@ runs on all tokens exactly as without LoRA; adapter rows are then replaced by `t
 rows are the base output bit for bit whatever shares the batch.
 
 All slots are handled in one shot (no Python per token, static shapes): h = x A_all^T gives every
-slot's down-projection; a one-hot mask (carrying each row's scaling, zero for base rows) keeps only the
-row's own slot; one matmul with the stacked B^T finishes the delta. Zeros from other slots add exactly
-nothing. The matmuls run over all T tokens, not just the adapter rows, on purpose: a GEMM's per-row
-result can change with its row count, so computing over a subset whose size depends on the other
-requests would make a row's value depend on them. The cost grows with max_loras * rank, small next
-to the base matmul at serving sizes.
+slot's down-projection; a one-hot mask (zero for base rows, built once per step and shared by every
+layer) keeps only the row's own slot; one matmul with the stacked (scaling * B)^T finishes the delta.
+Zeros from other slots add exactly nothing. The matmuls run over all T tokens, not just the adapter
+rows, on purpose: a GEMM's per-row result can change with its row count, so computing over a subset
+whose size depends on the other requests would make a row's value depend on them. The cost grows
+with max_loras * rank, small next to the base matmul at serving sizes.
 """
 
 import torch
@@ -21,6 +21,24 @@ from torch.func import functional_call
 
 from loraserve.engine.context import get_context
 from loraserve.lora.adapter import ModuleDelta
+
+
+class SlotRows:
+    """Per-token slot tensors derived once per step (and per token subset) and shared by all layers."""
+
+    def __init__(self, token_slots: torch.Tensor) -> None:
+        self.token_slots = token_slots
+        self.on = token_slots >= 0
+        self.slots = token_slots.clamp(min=0)
+        self._masks: dict[tuple[int, torch.dtype], torch.Tensor] = {}
+
+    def mask(self, num_slots: int, dtype: torch.dtype) -> torch.Tensor:
+        """[T, num_slots] one-hot of each row's slot; all zero for base rows."""
+        key = (num_slots, dtype)
+        if key not in self._masks:
+            m = torch.zeros(self.slots.numel(), num_slots, dtype=dtype, device=self.slots.device)
+            self._masks[key] = m.scatter_(1, self.slots[:, None], self.on[:, None].to(dtype))
+        return self._masks[key]
 
 
 class _MultiLoRA(nn.Module):
@@ -34,7 +52,6 @@ class _MultiLoRA(nn.Module):
         # Buffers are not persistent: the model's state dict stays the base model's.
         self.register_buffer("lora_a", w.new_zeros(max_loras, 0, in_dim), persistent=False)
         self.register_buffer("lora_bt", w.new_zeros(max_loras, 0, out_dim), persistent=False)
-        self.register_buffer("scaling", w.new_zeros(max_loras), persistent=False)
         self.register_buffer("token_pos", None, persistent=False)     # [L, in] embedding only
         self.register_buffer("token_values", None, persistent=False)  # [L, n, dim] embedding only
         # Per-adapter full copies (modules_to_save) and, for a tied lm_head, trainable-token columns.
@@ -60,7 +77,6 @@ class _MultiLoRA(nn.Module):
     def clear_slot(self, slot: int) -> None:
         self.lora_a[slot].zero_()
         self.lora_bt[slot].zero_()
-        self.scaling[slot] = 0
         self.full.pop(slot, None)
         self.token_cols.pop(slot, None)
         if self.token_pos is not None:
@@ -76,21 +92,20 @@ class _MultiLoRA(nn.Module):
         if delta.lora_a is not None:
             self._grow_rank(delta.rank)
             self.lora_a[slot, : delta.rank] = delta.lora_a.to(dev, dt)
-            self.lora_bt[slot, : delta.rank] = delta.lora_b.t().to(dev, dt)
-            self.scaling[slot] = delta.scaling
+            # The scaling is folded into B: one multiply fewer per token, per layer.
+            self.lora_bt[slot, : delta.rank] = (delta.lora_b * delta.scaling).t().to(dev, dt)
         if delta.full_weight is not None:
             self.full[slot] = {"weight": delta.full_weight.to(dev, dt)}
             if delta.full_bias is not None:
                 self.full[slot]["bias"] = delta.full_bias.to(dev, dt)
         self.slots_used.add(slot)
 
-    def _lora_delta(self, a_rows: torch.Tensor, slots: torch.Tensor, on: torch.Tensor) -> torch.Tensor:
+    def _lora_delta(self, a_rows: torch.Tensor, rows: SlotRows) -> torch.Tensor:
         """Scaled B(A x) for each row under its own slot (zero for base rows); `a_rows` [T, L, r] is A x
         under every slot."""
         t, L, r = a_rows.shape
-        mask = torch.zeros(t, L, dtype=a_rows.dtype, device=a_rows.device)
-        mask.scatter_(1, slots[:, None], (self.scaling[slots] * on)[:, None])
-        return (a_rows * mask[:, :, None]).reshape(t, L * r) @ self.lora_bt.reshape(L * r, -1)
+        masked = a_rows * rows.mask(L, a_rows.dtype)[:, :, None]
+        return masked.reshape(t, L * r) @ self.lora_bt.reshape(L * r, -1)
 
     def _replace_full(self, new: torch.Tensor, inp: torch.Tensor, token_slots: torch.Tensor) -> torch.Tensor:
         """Rows of slots holding a full module copy (modules_to_save) take that copy's output."""
@@ -99,16 +114,20 @@ class _MultiLoRA(nn.Module):
             new = torch.where((token_slots == slot)[:, None], out, new)
         return new
 
-    def _token_slots(self, n_tokens: int) -> torch.Tensor | None:
-        """Per-token slots for this call, or None when the base output is the answer."""
+    def _slot_rows(self, n_tokens: int) -> SlotRows | None:
+        """This call's per-token slots, or None when the base output is the answer."""
         lora = get_context().lora
         if lora is None or not lora.any_lora or not self.slots_used:
             return None
-        token_slots = lora.token_slots if self.token_index is None else lora.token_slots[self.token_index]
-        if n_tokens != token_slots.numel():
+        key = None if self.token_index is None else id(self.token_index)
+        rows = lora.cache.get(key)
+        if rows is None:
+            token_slots = lora.token_slots if self.token_index is None else lora.token_slots[self.token_index]
+            rows = lora.cache[key] = SlotRows(token_slots)
+        if n_tokens != rows.token_slots.numel():
             raise RuntimeError(f"multi-LoRA layer got {n_tokens} tokens but the batch has "
-                               f"{token_slots.numel()} token slots")
-        return token_slots
+                               f"{rows.token_slots.numel()} token slots")
+        return rows
 
 
 class MultiLoRALinear(_MultiLoRA):
@@ -160,13 +179,19 @@ class MultiLoRALinear(_MultiLoRA):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.base_layer(x)
-        token_slots = self._token_slots(x[..., 0].numel())
-        if token_slots is None:
+        rows = self._slot_rows(x[..., 0].numel())
+        if rows is None:
             return y
-        on, slots = token_slots >= 0, token_slots.clamp(min=0)
+        token_slots, on, slots = rows.token_slots, rows.on, rows.slots
         x2, y2 = x.reshape(-1, self.in_features), y.reshape(-1, self.out_features)
         L, r = self.lora_a.shape[:2]
-        d = self._lora_delta(F.linear(x2, self.lora_a.reshape(L * r, -1)).view(-1, L, r), slots, on) if r else None
+        h = F.linear(x2, self.lora_a.reshape(L * r, -1)) if r else None
+        if h is not None and self.bias_delta is None and self.is_dora is None and not self.full \
+                and not self.token_cols:
+            # Plain LoRA, the hot path: base rows have an all-zero mask, so they get exactly + 0.
+            h = (h.view(-1, L, r) * rows.mask(L, h.dtype)[:, :, None]).view(-1, L * r)
+            return torch.addmm(y2, h, self.lora_bt.reshape(L * r, -1)).view_as(y)
+        d = self._lora_delta(h.view(-1, L, r), rows) if r else None
         if self.bias_delta is not None:  # bias="all" may change the bias of modules without LoRA
             d = self.bias_delta[slots] if d is None else d + self.bias_delta[slots]
         new = y2 if d is None else y2 + d
@@ -213,16 +238,16 @@ class MultiLoRAEmbedding(_MultiLoRA):
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         y = self.base_layer(ids)
-        token_slots = self._token_slots(ids.numel())
-        if token_slots is None:
+        rows = self._slot_rows(ids.numel())
+        if rows is None:
             return y
-        on, slots = token_slots >= 0, token_slots.clamp(min=0)
+        token_slots, on, slots = rows.token_slots, rows.on, rows.slots
         ids2, y2 = ids.reshape(-1), y.reshape(-1, self.embedding_dim)
         new = y2
         L, r = self.lora_a.shape[:2]
         if r:
             a_rows = self.lora_a.permute(0, 2, 1)[:, ids2].permute(1, 0, 2)  # [T, L, r]: A's column per token
-            new = y2 + self._scale(self._lora_delta(a_rows, slots, on))
+            new = y2 + self._scale(self._lora_delta(a_rows, rows))
         new = self._replace_full(new, ids2, token_slots)
         if self.token_pos is not None:
             pos = self.token_pos[slots, ids2]
