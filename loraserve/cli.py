@@ -4,8 +4,9 @@ one word. Argument parsing only: each subcommand turns its flags into a config a
 import argparse
 import json
 import logging
+from pathlib import Path
 
-from loraserve import __version__
+from loraserve import __version__, compat
 from loraserve.config import EngineConfig, LoRAConfig
 from loraserve.tools.cli import add_tool_parsers
 
@@ -34,15 +35,26 @@ def parse_lora_module(spec: str) -> tuple[str, str, str | None]:
     return name, path, None
 
 
+SERVE_DESCRIPTION = ("Serve one base model and any LoRA adapters behind an OpenAI-compatible HTTP API with "
+                     "continuous batching. Flag names follow vLLM's: a vLLM launch command works with one word "
+                     "changed, or fails naming the flag it cannot honour.")
+
+
 def add_serve_parser(subparsers) -> None:
-    p = subparsers.add_parser(
-        "serve", help="serve a model (plus LoRA adapters) behind an OpenAI-compatible API",
-        description="Serve one base model and any LoRA adapters behind an OpenAI-compatible HTTP API "
-                    "with continuous batching. Flag names follow vLLM's.")
-    p.add_argument("model", help="Hugging Face model directory (safetensors + tokenizer) or a .gguf file")
+    p = subparsers.add_parser("serve", help="serve a model (plus LoRA adapters) behind an OpenAI-compatible API",
+                              description=SERVE_DESCRIPTION)
+    add_serve_args(p)
+
+
+def add_serve_args(p: argparse.ArgumentParser) -> None:
+    """Every `serve` flag; also used by the vLLM-style `python -m loraserve.entrypoints...` modules."""
+    p.add_argument("model", nargs="?", default=None,
+                   help="Hugging Face model directory (safetensors + tokenizer) or a .gguf file")
     d = " (default: %(default)s)"
 
     g = p.add_argument_group("model")
+    g.add_argument("--model", dest="model_flag", default=None, metavar="MODEL",
+                   help="the model, as vLLM's --model (instead of the positional MODEL)")
     g.add_argument("--served-model-name", default=None,
                    help="name clients use in the `model` field (default: the model path's last part)")
     g.add_argument("--max-model-len", type=int, default=None,
@@ -55,6 +67,8 @@ def add_serve_parser(subparsers) -> None:
     g.add_argument("--trust-remote-code", action="store_true",
                    help="allow model code from the model directory, as transformers does")
     g.add_argument("--seed", type=int, default=0, help="sampler seed for requests that bring none" + d)
+    g.add_argument("--chat-template", default=None,
+                   help="a Jinja chat template, or a file holding one, used instead of the tokenizer's own")
 
     g = p.add_argument_group("scheduling and KV cache")
     g.add_argument("--max-num-seqs", type=int, default=64, help="sequences in the running batch at once" + d)
@@ -76,6 +90,9 @@ def add_serve_parser(subparsers) -> None:
     g.add_argument("--max-loras", type=int, default=8, help="adapters resident in the running batch at once" + d)
     g.add_argument("--max-cpu-loras", type=int, default=None,
                    help="adapters kept in host memory, least recently used evicted first (default: no limit)")
+    g.add_argument("--lora-path", default=None, metavar="PATH",
+                   help="serve this one adapter under --served-model-name (the base stays reachable under "
+                        "its own name: the model path's last part); implies --enable-lora")
 
     g = p.add_argument_group("HTTP server")
     g.add_argument("--host", default="127.0.0.1", help="address to listen on" + d)
@@ -85,17 +102,29 @@ def add_serve_parser(subparsers) -> None:
                         "/metrics stay open)")
     g.add_argument("--uvicorn-log-level", default="info",
                    choices=["critical", "error", "warning", "info", "debug", "trace"], help="uvicorn's log level" + d)
+    compat.add_vllm_flags(p.add_argument_group(
+        "other vLLM flags", "accepted where they change nothing here (a note is logged), refused by name "
+        "where they would change outputs"))
     p.set_defaults(func=serve)
 
 
 def engine_config(args: argparse.Namespace) -> EngineConfig:
     """The EngineConfig a parsed `serve` command asks for; raises LoRAModulesError on bad LoRA flags."""
+    if (args.model is None) == (args.model_flag is None):
+        raise LoRAModulesError("give the model once: as the positional MODEL or as --model")
+    args.model = args.model or args.model_flag
+    base_name = args.served_model_name
     modules: dict[str, str] = {}
+    if args.lora_path:
+        # vLLM's demo-server habit: --served-model-name names the adapter, the base keeps its own name.
+        adapter_name = args.served_model_name or args.lora_path.rstrip("/").split("/")[-1]
+        modules[adapter_name] = args.lora_path
+        args.enable_lora, base_name = True, None
     for spec in args.lora_modules:
         name, path, base = parse_lora_module(spec)
         if name in modules:
             raise LoRAModulesError(f"--lora-modules names {name!r} twice")
-        if base is not None and base not in {args.served_model_name, args.model}:
+        if base is not None and base not in {base_name, args.model}:
             raise LoRAModulesError(f"--lora-modules entry {name!r} declares base_model_name {base!r}, but this "
                                    f"server serves {args.served_model_name or args.model!r}")
         modules[name] = path
@@ -104,7 +133,7 @@ def engine_config(args: argparse.Namespace) -> EngineConfig:
     lora = LoRAConfig(enable_lora=args.enable_lora, lora_modules=modules, max_lora_rank=args.max_lora_rank,
                       max_loras=args.max_loras, max_cpu_loras=args.max_cpu_loras)
     return EngineConfig(
-        model=args.model, served_model_name=args.served_model_name, dtype=args.dtype, device=args.device,
+        model=args.model, served_model_name=base_name, dtype=args.dtype, device=args.device,
         max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs,
         max_num_batched_tokens=args.max_num_batched_tokens, block_size=args.block_size,
         num_kv_blocks=args.num_kv_blocks, kv_cache_memory_gb=args.kv_cache_memory_gb, seed=args.seed,
@@ -121,14 +150,25 @@ def serve(args: argparse.Namespace) -> None:
     from loraserve.model.loader import ModelLoadError
     from loraserve.server.api_server import build_app
 
+    log = logging.getLogger(__name__)
     config = engine_config(args)
+    try:
+        for note in compat.check_vllm_flags(args):
+            log.info(note)
+    except compat.UnsupportedFlagError as err:
+        raise SystemExit(f"loraserve serve: error: {err}") from None
     try:
         engine = AsyncEngine(config)
     except (ModelLoadError, RequestError, AdapterError) as err:
         raise SystemExit(f"loraserve serve: error: {err}") from None
+    if args.chat_template:
+        template = Path(args.chat_template)
+        engine.tokenizer.chat_template = template.read_text() if template.is_file() else args.chat_template
+    if args.lora_path:
+        log.info("--lora-path: adapter %s is served as %r; the base model as %r", args.lora_path,
+                 engine.model_names()[1], engine.model_names()[0])
     app = build_app(engine, api_key=args.api_key)
-    logging.getLogger(__name__).info("serving %s on http://%s:%d", ", ".join(engine.model_names()),
-                                     args.host, args.port)
+    log.info("serving %s on http://%s:%d", ", ".join(engine.model_names()), args.host, args.port)
     uvicorn.run(app, host=args.host, port=args.port, log_level=args.uvicorn_log_level)
 
 
