@@ -79,6 +79,7 @@ def add_tool_parsers(subparsers: argparse._SubParsersAction) -> None:
                    help="dtype of the written weights; merging and the proof run in float32 (default: %(default)s)")
     p.add_argument("--tolerance", type=float, default=None,
                    help="largest accepted |logit difference| against PeftModel, for the float32 merge and, with "
-                        "--dtype float32, for the saved files (default: 1e-4)")
+                        "--dtype float32, for the saved files (default: 1e-4, or 1e-5 of the largest logit if that "
+                        "is larger)")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
     p.set_defaults(func=_runner("merge"))
