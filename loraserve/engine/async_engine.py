@@ -1,15 +1,17 @@
 """The async face of the engine: the step loop runs on its own thread (torch releases the GIL in its
 kernels, so HTTP handling overlaps compute) and hands each request's outputs to an asyncio queue.
 
-All engine state is touched by the loop thread only: the event loop sends it adds and aborts through
-a thread-safe inbox, drained between steps."""
+All engine state is touched by the loop thread only: the event loop sends it adds, aborts and
+adapter loads / unloads through a thread-safe inbox, drained between steps, so an adapter is never
+placed or freed in the middle of a forward pass."""
 
 import asyncio
 import logging
 import queue
 import threading
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
+from typing import Any
 
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
@@ -17,6 +19,7 @@ from loraserve.config import EngineConfig
 from loraserve.engine.llm_engine import LLMEngine
 from loraserve.engine.outputs import RequestOutput
 from loraserve.engine.sampling_params import SamplingParams
+from loraserve.lora.manager import LoadReport
 
 log = logging.getLogger(__name__)
 
@@ -85,6 +88,33 @@ class AsyncEngine:
     def abort(self, request_id: str) -> None:
         self._send(("abort", request_id))
 
+    async def load_lora_adapter(self, name: str, path: str) -> tuple[LoadReport, bool]:
+        """Serve a new adapter (see LLMEngine.load_lora); it is read and placed on the loop thread."""
+        return await self._call(self.engine.load_lora, name, path)
+
+    async def unload_lora_adapter(self, name: str) -> int:
+        """Stop serving an adapter; returns how many requests still finish with it."""
+        return await self._call(self.engine.unload_lora, name)
+
+    async def lora_status(self, name: str | None = None) -> list[dict]:
+        return await self._call(self.engine.lora_status, name)
+
+    async def _call(self, fn: Callable, *args) -> Any:
+        """Run `fn(*args)` on the loop thread between two steps and return (or raise) its result."""
+        if self._thread is None or self._stopping:
+            raise EngineDeadError("the engine loop is not running")
+        future = self._loop.create_future()
+        self._send(("call", fn, args, future))
+        return await future
+
+    def _settle(self, future: asyncio.Future, result: Any, error: BaseException | None) -> None:
+        if future.done():          # the caller went away
+            return
+        if error is not None:
+            future.set_exception(error)
+        else:
+            future.set_result(result)
+
     def _send(self, message: tuple) -> None:
         self._inbox.put(message)
         self._wakeup.set()
@@ -105,6 +135,15 @@ class AsyncEngine:
                 return
             if message[0] == "abort":
                 self.engine.abort(message[1])
+                continue
+            if message[0] == "call":
+                _, fn, args, future = message
+                result, error = None, None
+                try:
+                    result = fn(*args)
+                except Exception as e:
+                    error = e
+                self._loop.call_soon_threadsafe(self._settle, future, result, error)
                 continue
             _, request_id, prompt, params, model = message
             try:
@@ -130,3 +169,19 @@ class AsyncEngine:
                 continue
             for out in outputs:
                 self._publish(out.request_id, out)
+            while self.engine.failed:
+                self._publish(*self.engine.failed.pop())
+        self._fail_calls()
+
+    def _fail_calls(self) -> None:
+        """The loop is stopping: answer what it will not run, so no caller waits forever."""
+        dead = EngineDeadError("the engine loop stopped")
+        while True:
+            try:
+                message = self._inbox.get_nowait()
+            except queue.Empty:
+                return
+            if message[0] == "call":
+                self._loop.call_soon_threadsafe(self._settle, message[3], None, dead)
+            elif message[0] == "add":
+                self._publish(message[1], dead)

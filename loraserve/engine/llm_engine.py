@@ -4,6 +4,7 @@ One step = schedule a batch -> one packed forward -> sample -> append tokens, de
 stops -> free what finished. The async wrapper (async_engine.py) runs this loop on a thread."""
 
 import logging
+import os
 import time
 
 import torch
@@ -17,7 +18,7 @@ from loraserve.engine.sampling_params import SamplingParams
 from loraserve.engine.scheduler import Scheduler
 from loraserve.engine.sequence import Sequence
 from loraserve.lora.adapter import AdapterError
-from loraserve.lora.manager import LoRAManager
+from loraserve.lora.manager import AdapterConflict, LoadReport, LoRAManager
 from loraserve.model.attention import ATTN_NAME
 from loraserve.model.loader import load_model
 from loraserve.model.sampler import Sampler
@@ -27,6 +28,10 @@ log = logging.getLogger(__name__)
 
 class RequestError(ValueError):
     """A request the engine cannot take (too long for the context, ...); the message names why."""
+
+
+class LoRANotEnabled(AdapterError):
+    """An adapter operation on a server started without --enable-lora."""
 
 
 class UnknownModelError(LookupError):
@@ -74,6 +79,8 @@ class LLMEngine:
         self.runner = ModelRunner(self.model, self.kv_cache, self.device)
         self.sampler = Sampler(config.seed)
         self.seqs: dict[str, Sequence] = {}
+        # Requests the scheduler had to drop (their adapter could not be re-read); the caller reports them.
+        self.failed: list[tuple[str, Exception]] = []
         log.info("engine ready: %s on %s (%s), %d KV blocks of %d tokens, max_model_len %d",
                  self.served_model_name, self.device, self.dtype, num_blocks, config.block_size, self.max_model_len)
 
@@ -90,7 +97,8 @@ class LLMEngine:
 
     def _load_adapters(self, config: EngineConfig) -> LoRAManager:
         """Load every --lora-modules adapter; if any is bad, refuse to start and name each one and why."""
-        manager = LoRAManager(self.model, config.lora.max_loras, config.lora.max_lora_rank)
+        manager = LoRAManager(self.model, config.lora.max_loras, config.lora.max_lora_rank,
+                              max_cpu_loras=config.lora.max_cpu_loras)
         errors = []
         for name, path in config.lora.lora_modules.items():
             if name == self.served_model_name:
@@ -104,11 +112,59 @@ class LLMEngine:
             raise AdapterError("refusing to start, bad adapters:\n  " + "\n  ".join(errors))
         return manager
 
+    def load_lora(self, name: str, path: str) -> tuple[LoadReport, bool]:
+        """Serve a new adapter without a restart: the same checks and report as at start-up. Returns
+        (report, created); loading a name again from the same directory changes nothing."""
+        lora = self._lora()
+        if name == self.served_model_name:
+            raise AdapterConflict(f"{name!r} is the base model's name; an adapter needs its own")
+        known = lora.served().get(name)
+        if known is not None and os.path.realpath(known) == os.path.realpath(path):
+            return lora.reports[lora.resolve(name)], False
+        report = lora.load(name, path)
+        log.info("loaded adapter %s", report.summary())
+        return report, True
+
+    def unload_lora(self, name: str) -> int:
+        """Stop serving an adapter; returns how many requests still finish with it."""
+        users = self._lora().unload(name)
+        log.info("unloaded adapter %s (%d request(s) still finishing with it)", name, users)
+        return users
+
+    def lora_status(self, name: str | None = None) -> list[dict]:
+        """Load reports and tiers of every adapter (or one served name), unloading ones included."""
+        lora = self._lora()
+        if name is None:
+            return [lora.status(key) for key in sorted(lora.entries)]
+        key = lora.resolve(name)
+        if key is None:
+            raise UnknownModelError(name, self.model_names())
+        return [lora.status(key)]
+
+    def lora_requests(self) -> tuple[list[str], list[str]]:
+        """Adapter names of running and of waiting requests (vLLM's lora_requests_info). Called from the
+        metrics scrape on another thread: it reads copies of the queues, never mutates."""
+        def names(seqs: list[Sequence]) -> list[str]:
+            return sorted({LoRAManager.name_of(s.lora_name) for s in seqs if s.lora_name is not None})
+        return names(list(self.scheduler.running)), names(list(self.scheduler.waiting))
+
+    def _lora(self) -> LoRAManager:
+        if self.lora is None:
+            raise LoRANotEnabled("LoRA is not enabled on this server: start it with --enable-lora")
+        return self.lora
+
     def _acquire_lora(self, seq: Sequence) -> bool:
-        """Give a sequence its adapter's device slot; False (wait) while every slot is pinned."""
+        """Give a sequence its adapter's device slot; False (wait) while every slot is pinned. A
+        sequence whose adapter can no longer be read is ended and reported in `failed`."""
         if seq.lora_name is None:
             return True
-        slot = self.lora.try_activate(seq.lora_name)
+        try:
+            slot = self.lora.try_activate(seq.lora_name)
+        except AdapterError as e:
+            self.seqs.pop(seq.request_id, None)
+            self._finish(seq, "abort")
+            self.failed.append((seq.request_id, e))
+            return False
         if slot is None:
             return False
         seq.lora_slot = slot
@@ -119,20 +175,26 @@ class LLMEngine:
             self.lora.release(seq.lora_name)
             seq.lora_slot = -1
 
+    def _finish(self, seq: Sequence, reason: str) -> None:
+        self.scheduler.finish(seq, reason)
+        if seq.lora_name is not None:
+            self.lora.done(seq.lora_name)
+
     def model_names(self) -> list[str]:
         return [self.served_model_name] + (self.lora.names() if self.lora else [])
 
     def resolve_model(self, name: str | None) -> str | None:
-        """Map a request's model name to an adapter name (None = the base), or raise UnknownModelError."""
+        """Map a request's model name to its adapter's key (None = the base), or raise UnknownModelError."""
         if name is None or name == self.served_model_name:
             return None
-        if self.lora is not None and name in self.lora.adapters:
-            return name
-        raise UnknownModelError(name, self.model_names())
+        key = self.lora.resolve(name) if self.lora is not None else None
+        if key is None:
+            raise UnknownModelError(name, self.model_names())
+        return key
 
     def check_request(self, prompt_token_ids: list[int], params: SamplingParams, model: str | None) -> str | None:
         """Validate a request without touching engine state (safe from any thread); return its adapter
-        name (None = base) or raise ValueError / RequestError / UnknownModelError with the user's message."""
+        key (None = base) or raise ValueError / RequestError / UnknownModelError with the user's message."""
         params.validate()
         if not prompt_token_ids:
             raise RequestError("the prompt is empty")
@@ -154,13 +216,15 @@ class LLMEngine:
             raise RequestError(f"request id {request_id!r} is already in use")
         seq = Sequence(request_id, prompt_token_ids, params, lora_name, arrival_time=time.monotonic())
         self.seqs[request_id] = seq
+        if lora_name is not None:
+            self.lora.use(lora_name)
         self.scheduler.add(seq)
         return seq
 
     def abort(self, request_id: str) -> None:
         seq = self.seqs.pop(request_id, None)
         if seq is not None and not seq.is_finished:
-            self.scheduler.finish(seq, "abort")
+            self._finish(seq, "abort")
 
     def has_unfinished(self) -> bool:
         return self.scheduler.has_work()
@@ -207,7 +271,7 @@ class LLMEngine:
             safe -= self._held_back(seq.text, p.stop)
         else:
             seq.text = seq.text[:safe]
-            self.scheduler.finish(seq, reason)
+            self._finish(seq, reason)
         new_text = seq.text[seq.num_emitted_chars:safe]
         seq.num_emitted_chars = max(seq.num_emitted_chars, safe)
         return new_text
