@@ -55,15 +55,15 @@ def tiny_engine_config(model_dir: Path, **overrides) -> EngineConfig:
 
 
 class ServerThread:
-    """uvicorn serving `build_app(engine)` on 127.0.0.1 at a free port, for a `with` block."""
+    """uvicorn serving `build_app(engine, ...)` on 127.0.0.1 at a free port, for a `with` block."""
 
-    def __init__(self, engine: AsyncEngine, api_key: str | None = None):
+    def __init__(self, engine: AsyncEngine, api_key: str | None = None, **app_options):
         self.engine = engine
         self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         self.sock.bind(("127.0.0.1", 0))
         self.port = self.sock.getsockname()[1]
-        config = uvicorn.Config(build_app(engine, api_key=api_key), log_level="warning")
+        config = uvicorn.Config(build_app(engine, api_key=api_key, **app_options), log_level="warning")
         self.server = uvicorn.Server(config)
         self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True)
 

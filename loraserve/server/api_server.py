@@ -6,6 +6,7 @@ CLI, tests and embedding applications all run the same app object under any ASGI
 
 import secrets
 import uuid
+from collections.abc import Sequence
 from contextlib import asynccontextmanager
 
 import anyio
@@ -17,13 +18,16 @@ from starlette.types import Send
 
 from loraserve import __version__
 from loraserve.server.errors import AuthenticationFailed, from_validation_error, install_error_handlers
+from loraserve.server.lora_admin import LoRAAdmin
 from loraserve.server.metrics import ServerMetrics
 from loraserve.server.protocol import (
     ChatCompletionRequest,
     CompletionRequest,
     GenerateRequest,
+    LoadLoRAAdapterRequest,
     ModelCard,
     ModelList,
+    UnloadLoRAAdapterRequest,
 )
 from loraserve.server.serving import ClientDisconnected, OpenAIServing
 
@@ -67,11 +71,14 @@ def _key_checker(api_key: str):
     return check_key
 
 
-def build_app(engine, api_key: str | None = None) -> FastAPI:
+def build_app(engine, api_key: str | None = None, allow_runtime_lora: bool = False,
+              lora_roots: Sequence[str] = ()) -> FastAPI:
     """An app serving `engine`. With `api_key`, every route but /health, /version and /metrics
-    needs `Authorization: Bearer <api_key>` (as vLLM does: probes and scrapers carry no key)."""
+    needs `Authorization: Bearer <api_key>` (as vLLM does: probes and scrapers carry no key).
+    `allow_runtime_lora` opens vLLM's load / unload endpoints, for directories under `lora_roots`."""
     metrics = ServerMetrics(engine, engine.served_model_name)
     serving = OpenAIServing(engine, metrics)
+    admin = LoRAAdmin(engine, allow_runtime_lora, lora_roots)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -100,12 +107,31 @@ def build_app(engine, api_key: str | None = None) -> FastAPI:
 
     @keyed.get("/v1/models")
     async def list_models() -> JSONResponse:
-        base = engine.served_model_name
-        llm = engine.engine
-        cards = [ModelCard(id=name, root=llm.config.model if name == base else llm.lora.adapters[name].path,
-                           parent=None if name == base else base, max_model_len=engine.max_model_len)
-                 for name in engine.model_names()]
+        base, llm = engine.served_model_name, engine.engine
+        adapters = llm.lora.served() if llm.lora is not None else {}
+        cards = [ModelCard(id=base, root=llm.config.model, max_model_len=engine.max_model_len)]
+        cards += [ModelCard(id=name, root=path, parent=base, max_model_len=engine.max_model_len)
+                  for name, path in sorted(adapters.items())]
         return JSONResponse(ModelList(data=cards).model_dump())
+
+    @keyed.post("/v1/load_lora_adapter")
+    async def load_lora_adapter(request: Request) -> JSONResponse:
+        req = await _parse(request, LoadLoRAAdapterRequest)
+        return JSONResponse(await admin.load(req))
+
+    @keyed.post("/v1/unload_lora_adapter")
+    async def unload_lora_adapter(request: Request) -> JSONResponse:
+        req = await _parse(request, UnloadLoRAAdapterRequest)
+        return JSONResponse(await admin.unload(req))
+
+    @keyed.get("/v1/adapters")
+    async def list_adapters() -> JSONResponse:
+        return JSONResponse({"object": "list", "data": await admin.status()})
+
+    @keyed.get("/v1/adapters/{name:path}")
+    async def get_adapter(name: str) -> JSONResponse:
+        (status,) = await admin.status(name)
+        return JSONResponse(status)
 
     @keyed.post("/v1/completions")
     async def completions(request: Request) -> Response:

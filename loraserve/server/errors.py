@@ -69,6 +69,43 @@ class AuthenticationFailed(APIError):
     code = "invalid_api_key"
 
 
+class AdapterRefused(APIError):
+    """An adapter that cannot be applied exactly (bad files, unsupported option, ...): the load failed."""
+    code = "invalid_adapter"
+
+
+class AdapterNotFound(APIError):
+    status_code = 404
+    code = "adapter_not_found"
+
+
+class AdapterNameConflict(APIError):
+    """A load under a name already served from another directory, or the base model's name."""
+    status_code = 409
+    code = "adapter_name_conflict"
+
+
+class RuntimeLoRADisabled(APIError):
+    """Loading and unloading adapters while serving is not switched on for this server."""
+    status_code = 403
+    type = "permission_error"
+    code = "runtime_lora_disabled"
+
+
+class LoRAPathForbidden(APIError):
+    """A lora_path outside every --lora-root (`..`, another absolute path, a symlink leaving a root)."""
+    status_code = 403
+    type = "permission_error"
+    code = "lora_path_forbidden"
+
+
+class AdapterUnavailable(APIError):
+    """A served adapter that could not be re-read from disk for this request (its files changed)."""
+    status_code = 503
+    type = "service_unavailable"
+    code = "adapter_unavailable"
+
+
 class RouteError(APIError):
     """A path or method the server does not have (404 / 405 from routing)."""
     code = "invalid_route"

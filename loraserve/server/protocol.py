@@ -251,6 +251,17 @@ class ModelList(BaseModel):
     data: list[ModelCard]
 
 
+class LoadLoRAAdapterRequest(RequestModel):
+    """vLLM's `POST /v1/load_lora_adapter` body. `lora_path` is a directory under a --lora-root."""
+    lora_name: str = Field(min_length=1)
+    lora_path: str = Field(min_length=1)
+
+
+class UnloadLoRAAdapterRequest(RequestModel):
+    """vLLM's `POST /v1/unload_lora_adapter` body."""
+    lora_name: str = Field(min_length=1)
+
+
 class GenerateResponse(BaseModel):
     text: list[str]
     usage: Usage

@@ -17,7 +17,9 @@ from loraserve.engine.async_engine import EngineDeadError
 from loraserve.engine.llm_engine import UnknownModelError
 from loraserve.engine.outputs import RequestOutput, TokenLogprob
 from loraserve.engine.sampling_params import SamplingParams
+from loraserve.lora.adapter import AdapterError
 from loraserve.server.errors import (
+    AdapterUnavailable,
     APIError,
     ContextLengthExceeded,
     EngineUnavailable,
@@ -179,10 +181,14 @@ class OpenAIServing:
             raise InvalidValue(str(err)) from err
         except EngineDeadError as err:
             raise EngineUnavailable(str(err)) from err
+        except AdapterError as err:          # evicted from host memory, and its files changed since
+            raise AdapterUnavailable(str(err), param="model") from err
         finally:
             num_out = len(last.output_token_ids) if last is not None else 0
+            lora_name = None if model == self.engine.served_model_name else model
             self.metrics.record_finished(len(sub.prompt_token_ids), num_out, reason,
-                                         None if first is None else first - start, time.monotonic() - start)
+                                         None if first is None else first - start, time.monotonic() - start,
+                                         lora_name)
 
     async def run(self, subs: list[SubRequest], model: str) -> AsyncIterator[tuple[int, RequestOutput]]:
         """Outputs of all engine requests as they come, tagged with their choice index."""
