@@ -89,7 +89,14 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
                    help="refuse adapters of a higher rank at load (never clips; default: no cap)")
     g.add_argument("--max-loras", type=int, default=8, help="adapters resident in the running batch at once" + d)
     g.add_argument("--max-cpu-loras", type=int, default=None,
-                   help="adapters kept in host memory, least recently used evicted first (default: no limit)")
+                   help="adapters kept in host memory, least recently used evicted first; others are re-read "
+                        "from disk when a request needs them (default: no limit; at least --max-loras)")
+    g.add_argument("--allow-runtime-lora", action="store_true",
+                   help="open POST /v1/load_lora_adapter and /v1/unload_lora_adapter (vLLM's env "
+                        "VLLM_ALLOW_RUNTIME_LORA_UPDATING=true does too); loads read only under --lora-root")
+    g.add_argument("--lora-root", action="append", default=[], metavar="DIR",
+                   help="a directory runtime loads may read adapters from (repeatable); '..', other absolute "
+                        "paths and symlinks leaving it are refused")
     g.add_argument("--lora-path", default=None, metavar="PATH",
                    help="serve this one adapter under --served-model-name (the base stays reachable under "
                         "its own name: the model path's last part); implies --enable-lora")
@@ -130,6 +137,9 @@ def engine_config(args: argparse.Namespace) -> EngineConfig:
         modules[name] = path
     if modules and not args.enable_lora:
         raise LoRAModulesError("--lora-modules needs --enable-lora")
+    if args.max_cpu_loras is not None and args.max_cpu_loras < args.max_loras:
+        raise LoRAModulesError(f"--max-cpu-loras {args.max_cpu_loras} is below --max-loras {args.max_loras}: "
+                               "every adapter in a device slot is also kept in host memory")
     lora = LoRAConfig(enable_lora=args.enable_lora, lora_modules=modules, max_lora_rank=args.max_lora_rank,
                       max_loras=args.max_loras, max_cpu_loras=args.max_cpu_loras)
     return EngineConfig(
@@ -149,6 +159,7 @@ def serve(args: argparse.Namespace) -> None:
     from loraserve.lora.adapter import AdapterError
     from loraserve.model.loader import ModelLoadError
     from loraserve.server.api_server import build_app
+    from loraserve.server.lora_admin import runtime_lora_from_env
 
     log = logging.getLogger(__name__)
     config = engine_config(args)
@@ -167,7 +178,8 @@ def serve(args: argparse.Namespace) -> None:
     if args.lora_path:
         log.info("--lora-path: adapter %s is served as %r; the base model as %r", args.lora_path,
                  engine.model_names()[1], engine.model_names()[0])
-    app = build_app(engine, api_key=args.api_key)
+    app = build_app(engine, api_key=args.api_key, allow_runtime_lora=args.allow_runtime_lora or runtime_lora_from_env(),
+                    lora_roots=args.lora_root)
     log.info("serving %s on http://%s:%d", ", ".join(engine.model_names()), args.host, args.port)
     uvicorn.run(app, host=args.host, port=args.port, log_level=args.uvicorn_log_level)
 
