@@ -7,10 +7,10 @@ import os
 
 import pytest
 import torch
-from peft import PeftModel
+from peft import LoraConfig, PeftModel, get_peft_model
 from safetensors.torch import load_file, save_file
 
-from lora_fixtures import make_adapter
+from lora_fixtures import make_adapter, randomize
 from loraserve.config import EngineConfig, LoRAConfig
 from loraserve.engine.llm_engine import LLMEngine, LoRANotEnabled, UnknownModelError
 from loraserve.engine.sampling_params import SamplingParams
@@ -156,3 +156,27 @@ def test_runtime_load_is_idempotent_for_the_same_path_and_refuses_conflicts(path
         engine.load_lora("tiny", str(paths["a1"]))
     with pytest.raises(LoRANotEnabled, match="--enable-lora"):
         lora_engine({}, enable_lora=False).load_lora("b", str(paths["a1"]))
+
+
+def test_two_hundred_adapters_four_slots_eight_in_host_memory(tmp_path):
+    """Hundreds of registered adapters: each request still gets exactly its own adapter, the host tier
+    stays at max_cpu_loras, and every request frees what it held."""
+    _, base = tiny_model("llama")
+    peft = get_peft_model(copy.deepcopy(base), LoraConfig(r=2, target_modules=["q_proj", "down_proj"])).eval()
+    paths, want, p = {}, {}, prompts(200, seed=6)
+    for i in range(200):
+        randomize(peft, seed=1000 + i)
+        paths[f"n{i}"] = tmp_path / f"n{i}"
+        peft.save_pretrained(str(paths[f"n{i}"]))
+        prompt = p[i][:6]
+        with torch.no_grad():
+            ids = list(prompt)
+            for _ in range(GREEDY.max_tokens):
+                ids.append(int(peft(torch.tensor([ids])).logits[0, -1].argmax()))
+        want[f"n{i}"] = (prompt, ids)
+    engine = lora_engine(paths, max_loras=4, max_cpu_loras=8)
+    names = [f"n{i}" for i in range(0, 200, 3)]
+    done = run(engine, [(want[n][0], n) for n in names])
+    assert [done[f"r{i}"] for i in range(len(names))] == [want[n][1] for n in names]
+    assert len(engine.lora.names()) == 200 and len(engine.lora.adapters) == 8
+    assert sum(engine.lora.pins.values()) == 0 and all(e.users == 0 for e in engine.lora.entries.values())
