@@ -175,3 +175,25 @@ def test_adapter_bin_file(tmp_path: Path) -> None:
     manager.load("bin", str(binary))
     ids = torch.randint(0, 256, (1, 5), generator=torch.Generator().manual_seed(3))
     assert (mixed_logits(served, ids, [manager.activate("bin")])[0] - peft_logits(base, path, ids)[0]).abs().max() < TOL
+
+
+OPTIONS = {
+    "rslora": {"r": 4, "lora_alpha": 8, "use_rslora": True, "target_modules": "all-linear"},
+    "patterns": {"r": 4, "lora_alpha": 8, "target_modules": ["q_proj", "v_proj", "down_proj"],
+                 "rank_pattern": {"q_proj": 6}, "alpha_pattern": {"down_proj": 2}},
+    "layers": {"target_modules": ["q_proj", "up_proj"], "layers_to_transform": [1], "layers_pattern": "layers"},
+    "embed-head": {"target_modules": ["embed_tokens", "lm_head", "o_proj"]},
+    "modules-to-save": {"target_modules": ["q_proj"], "modules_to_save": ["lm_head"]},
+    "dora": {"use_dora": True, "target_modules": ["q_proj", "v_proj", "down_proj"]},
+    "trainable-tokens": {"target_modules": ["o_proj"], "trainable_token_indices": [1, 5, 9]},
+}
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "gemma3", "gemma4"])
+@pytest.mark.parametrize("option", list(OPTIONS))
+def test_every_option_on_every_architecture(arch: str, option: str, tmp_path: Path) -> None:
+    """Each option beside a plain adapter and base rows, on each architecture the issue names."""
+    base = tiny_model(arch)
+    path = make_adapter(base, tmp_path / "a", **OPTIONS[option])
+    plain = make_adapter(base, tmp_path / "b", seed=2, target_modules=["k_proj", "gate_proj"])
+    assert_parity(base, [path, plain], [0, -1, 1, 0])
