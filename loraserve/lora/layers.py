@@ -58,6 +58,7 @@ class _MultiLoRA(nn.Module):
         self.full: dict[int, dict[str, torch.Tensor]] = {}
         self.token_cols: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         self.slots_used: set[int] = set()
+        self.slot_version = 0        # bumped on every slot change, so fused groups know to re-sync
         # Which of the batch's tokens this module sees, when not all: the output head under
         # `logits_to_keep` (set by LoRAManager's hook on the model's forward).
         self.token_index: torch.Tensor | None = None
@@ -82,6 +83,7 @@ class _MultiLoRA(nn.Module):
         if self.token_pos is not None:
             self.token_pos[slot] = -1
         self.slots_used.discard(slot)
+        self.slot_version += 1
 
     def set_slot(self, slot: int, delta: ModuleDelta | None) -> None:
         """Put one adapter's change to this module in `slot` (None: the adapter leaves it unchanged)."""
@@ -99,6 +101,7 @@ class _MultiLoRA(nn.Module):
             if delta.full_bias is not None:
                 self.full[slot]["bias"] = delta.full_bias.to(dev, dt)
         self.slots_used.add(slot)
+        self.slot_version += 1
 
     def _lora_delta(self, a_rows: torch.Tensor, rows: SlotRows) -> torch.Tensor:
         """Scaled B(A x) for each row under its own slot (zero for base rows); `a_rows` [T, L, r] is A x
@@ -139,6 +142,7 @@ class MultiLoRALinear(_MultiLoRA):
         self.register_buffer("bias_delta", None, persistent=False)  # [L, out]
         self.register_buffer("dora_scale", None, persistent=False)  # [L, out]
         self.register_buffer("is_dora", None, persistent=False)     # [L] bool
+        self.group = None   # a fused.ProjectionGroup when q/k/v or gate/up run as one GEMM
 
     @property
     def bias(self) -> torch.Tensor | None:
@@ -178,6 +182,8 @@ class MultiLoRALinear(_MultiLoRA):
             self.token_cols[slot] = (delta.token_indices.to(dev), delta.token_values.to(dev, dt))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.group is not None and self.group.plain():
+            return self.group.forward(self, x)
         y = self.base_layer(x)
         rows = self._slot_rows(x[..., 0].numel())
         if rows is None:

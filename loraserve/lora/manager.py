@@ -31,6 +31,7 @@ import torch
 from torch import nn
 
 from loraserve.lora.adapter import AdapterError, LoRAAdapter, load_adapter
+from loraserve.lora.fused import link_projection_groups
 from loraserve.lora.layers import MultiLoRAEmbedding, MultiLoRALinear, _MultiLoRA
 
 # Separates a name from the load number in the key of a re-used name; names may not contain it.
@@ -131,6 +132,7 @@ class LoRAManager:
             layer = cls(module, self.max_loras).to(self.device)
             setattr(parent, attr, layer)
             self.layers[name] = layer
+        link_projection_groups(model)
         head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
         if isinstance(head, MultiLoRALinear):
             model.register_forward_pre_hook(partial(_note_kept_tokens, head), with_kwargs=True)
