@@ -180,3 +180,25 @@ def test_two_hundred_adapters_four_slots_eight_in_host_memory(tmp_path):
     assert [done[f"r{i}"] for i in range(len(names))] == [want[n][1] for n in names]
     assert len(engine.lora.names()) == 200 and len(engine.lora.adapters) == 8
     assert sum(engine.lora.pins.values()) == 0 and all(e.users == 0 for e in engine.lora.entries.values())
+
+
+def test_unloaded_adapter_is_held_in_memory_for_its_waiting_requests(paths, tmp_path):
+    """An adapter evicted to disk and unloaded while a request waits for it: the unload reads it back
+    into memory, so deleting its directory afterwards cannot break that request."""
+    a = tmp_path / "a"
+    a.mkdir()
+    for f in os.listdir(paths["a2"]):
+        (a / f).write_bytes((paths["a2"] / f).read_bytes())
+    engine = lora_engine({"a": a, "b": paths["a3"]}, max_loras=1, max_cpu_loras=1)
+    assert list(engine.lora.adapters) == ["b"]
+    p = prompts(1, seed=7)[0]
+    engine.add_request("waiting", p, SamplingParams(**vars(GREEDY)), model="a")
+    assert engine.unload_lora("a") == 1 and "a" in engine.lora.adapters
+    for f in os.listdir(a):
+        os.remove(a / f)
+    a.rmdir()
+    outputs = {}
+    while engine.has_unfinished():
+        outputs.update({o.request_id: o.prompt_token_ids + o.output_token_ids for o in engine.step() if o.finished})
+    assert outputs == {"waiting": peft_greedy(paths["a2"], p)} and engine.failed == []
+    assert list(engine.lora.entries) == ["b"]

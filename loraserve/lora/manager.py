@@ -169,8 +169,14 @@ class LoRAManager:
         key = self.resolve(name)
         if key is None:
             raise AdapterNotFound(self._not_found(name))
-        self._served = {n: e for n, e in self._served.items() if n != name}
         entry = self.entries[key]
+        if entry.users and key not in self.adapters:
+            # Its requests may outlive its directory (users delete what they unloaded): hold it in memory.
+            try:
+                self._host(key)
+            except AdapterChanged:
+                pass    # those requests fail with this same message when they are scheduled
+        self._served = {n: e for n, e in self._served.items() if n != name}
         entry.served = False
         self._purge_if_unused(key)
         return entry.users
