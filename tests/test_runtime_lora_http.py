@@ -180,6 +180,12 @@ def test_runtime_loading_is_refused_unless_switched_on(model_dir, dirs):
         r = httpx.post(s.url + "/v1/unload_lora_adapter", json={"lora_name": "x"})
         assert "VLLM_ALLOW_RUNTIME_LORA_UPDATING=true" in error(r, 403, "runtime_lora_disabled")
         assert httpx.get(s.url + "/v1/adapters").json() == {"object": "list", "data": []}
+    engine = AsyncEngine(tiny_engine_config(model_dir))
+    with ServerThread(engine, allow_runtime_lora=True, lora_roots=[str(dirs[0])]) as s:
+        r = httpx.post(s.url + "/v1/load_lora_adapter", json={"lora_name": "x", "lora_path": "good"})
+        assert "start it with --enable-lora" in error(r, 403, "runtime_lora_disabled")
+        assert "--enable-lora" in error(httpx.get(s.url + "/v1/adapters/x"), 404, "adapter_not_found")
+        assert httpx.get(s.url + "/v1/adapters").json() == {"object": "list", "data": []}
 
 
 def test_unload_during_a_stream_lets_it_finish_with_the_same_tokens(server, http):
