@@ -5,7 +5,8 @@ the number of GEMMs, not their FLOPs, sets the price of LoRA (measured on 2 core
 14 extra GEMMs per layer made a mixed-adapter step ~1.5x a base step). A group stacks its members'
 base weights and every slot's LoRA A into one matrix, so one GEMM gives the base outputs and all
 down-projections; one more GEMM with a block-diagonal stack of the members' (scaling * B)^T adds every
-row's own delta. Per layer that is 4 + 4 GEMMs instead of 7 + 14.
+row's own delta. Per layer that is 4 + 4 GEMMs instead of 7 + 14 (o_proj and down_proj are groups of
+one: their A still rides on their base GEMM).
 
 Each output column of a GEMM is its own dot product, so the base columns come out bit-identical to
 the members' separate GEMMs (the isolation tests check it); base rows get a zero mask and so + 0.
@@ -18,7 +19,8 @@ from torch import nn
 
 from loraserve.lora.layers import MultiLoRALinear
 
-GROUPS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
+# Singletons too: stacking a projection's own A under its base weight saves one GEMM per layer.
+GROUPS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"), ("o_proj",), ("down_proj",))
 
 
 class ProjectionGroup:
@@ -102,12 +104,13 @@ class ProjectionGroup:
 
 
 def link_projection_groups(model: nn.Module) -> list[ProjectionGroup]:
-    """Group sibling projections that read the same input (same parent, known names, same in_features)."""
+    """Group sibling projections that read the same input (same parent, known names, same in_features);
+    o_proj and down_proj form groups of one."""
     groups = []
     for parent in model.modules():
         for names in GROUPS:
             members = [getattr(parent, n, None) for n in names]
             members = [m for m in members if isinstance(m, MultiLoRALinear)]
-            if len(members) > 1 and len({m.in_features for m in members}) == 1:
+            if members and len({m.in_features for m in members}) == 1:
                 groups.append(ProjectionGroup(members))
     return groups
