@@ -103,3 +103,21 @@ def test_bad_adapters_stop_start_up_and_are_all_named(adapters, tmp_path):
         lora_engine({"good": adapters["a"], "zero": untrained, "missing": tmp_path / "nope"})
     message = str(err.value)
     assert "zero" in message and "missing" in message and "good (" not in message
+
+
+def test_load_report_measures_each_adapters_effect_like_peft(adapters):
+    """The report's measured effect is KL(adapter || base) of the next token on the probe prompt, taken
+    through the serving path: it equals the same KL computed with PeftModel."""
+    engine = lora_engine(adapters, max_loras=2)           # 3 adapters, 2 slots: measured in two forwards
+    probe = torch.tensor([engine._probe_ids()])
+    _, base = tiny_model("llama")
+    with torch.no_grad():
+        base_lp = torch.log_softmax(base(probe).logits[0, -1], dim=-1)
+        for name, path in adapters.items():
+            peft = PeftModel.from_pretrained(copy.deepcopy(base), str(path)).eval()
+            lp = torch.log_softmax(peft(probe).logits[0, -1], dim=-1)
+            want = torch.sum(lp.exp() * (lp - base_lp)).item()
+            got = engine.lora.reports[name].next_token_kl
+            assert got is not None and want > 1e-4
+            assert abs(got - want) < 1e-4 + 1e-3 * want, f"{name}: report {got}, PEFT {want}"
+    assert engine.blocks.num_free == engine.blocks.num_blocks and sum(engine.lora.pins.values()) == 0

@@ -124,6 +124,7 @@ def test_load_serves_exactly_like_peft_then_unload_gives_404(server, http, dirs,
 
     status = http.get("/v1/adapters/good").json()
     assert status["tier"] == "device" and status["ranks"] == [4] and status["requests"] == 0
+    assert status["next_token_kl"] > 0          # a runtime load's effect is measured when first asked
     assert [a["name"] for a in http.get("/v1/adapters").json()["data"]] == ["good"]
 
     r = unload(http, "good")

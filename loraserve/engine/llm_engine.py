@@ -68,16 +68,16 @@ class LLMEngine:
         self.eos_ids = eos_token_ids(model, tokenizer)
 
         specs = cache_specs(model)   # before LoRA wrapping swaps the projections
-        self.lora = self._load_adapters(config) if config.lora.enable_lora else None
         num_blocks = config.num_kv_blocks or int(
             config.kv_cache_memory_gb * 2**30 // (KVCache.bytes_per_token(specs, self.dtype) * config.block_size))
         self.kv_cache = KVCache(specs, num_blocks, config.block_size, self.dtype, self.device)
         self.blocks = BlockManager(num_blocks, config.block_size)
+        self.runner = ModelRunner(self.model, self.kv_cache, self.device)
+        self.sampler = Sampler(config.seed)
+        self.lora = self._load_adapters(config) if config.lora.enable_lora else None
         self.scheduler = Scheduler(self.blocks, config.max_num_seqs,
                                    max(config.max_num_batched_tokens, config.max_num_seqs),
                                    self._acquire_lora, self._release_lora)
-        self.runner = ModelRunner(self.model, self.kv_cache, self.device)
-        self.sampler = Sampler(config.seed)
         self.seqs: dict[str, Sequence] = {}
         # Requests the scheduler had to drop (their adapter could not be re-read); the caller reports them.
         self.failed: list[tuple[str, Exception]] = []
@@ -110,7 +110,61 @@ class LLMEngine:
                 errors.append(f"{name} ({path}): {e}")
         if errors:
             raise AdapterError("refusing to start, bad adapters:\n  " + "\n  ".join(errors))
+        self.lora = manager
+        for key in self._measure_effects(list(manager.entries)):
+            log.info("adapter %s: next-token KL vs base on the probe prompt %.4g", manager.name_of(key),
+                     manager.reports[key].next_token_kl)
         return manager
+
+    def _probe_ids(self) -> list[int]:
+        """A short, fixed probe prompt: the chat template's when there is one, as users will send."""
+        chat = [{"role": "user", "content": "Tell me about yourself."}]
+        if getattr(self.tokenizer, "chat_template", None):
+            ids = self.tokenizer.apply_chat_template(chat, add_generation_prompt=True, tokenize=True, return_dict=True)
+            return list(ids["input_ids"])
+        if hasattr(self.tokenizer, "encode"):
+            return self.tokenizer.encode("The meaning of life is")
+        return list(range(1, 9))
+
+    def _measure_effects(self, keys: list[str]) -> list[str]:
+        """Measure each adapter's effect as served: the base and up to max_loras adapters answer the probe
+        prompt in one packed forward of the real serving path; the report gets KL(adapter || base) of the
+        next-token distribution. Only between steps, on the engine thread; adapters that find no free
+        slot or KV blocks now are left unmeasured. Returns the keys measured."""
+        pending = [k for k in keys if self.lora.reports[k].next_token_kl is None]
+        ids, measured = self._probe_ids(), []
+        blocks_per_seq = -(-len(ids) // self.blocks.block_size)
+        while pending:
+            room = min(self.lora.max_loras, self.blocks.num_free // blocks_per_seq - 1)
+            chunk, pending = pending[:max(room, 0)], pending[max(room, 0):]
+            seqs = [Sequence("probe-base", ids, SamplingParams(max_tokens=1))]
+            for key in chunk:
+                try:
+                    slot = self.lora.try_activate(key)
+                except AdapterError:      # its files changed on disk: serving it will say so
+                    slot = None
+                if slot is None:
+                    break
+                seq = Sequence(f"probe-{key}", ids, SamplingParams(max_tokens=1), lora_name=key)
+                seq.lora_slot = slot
+                seqs.append(seq)
+            if len(seqs) == 1:
+                break
+            for seq in seqs:
+                self.blocks.grow(seq, len(ids))
+            try:
+                logits, _ = self.runner.run([(seq, len(ids)) for seq in seqs])
+            finally:
+                for seq in seqs:
+                    self.blocks.free(seq)
+                    if seq.lora_name is not None:
+                        self.lora.release(seq.lora_name)
+            logp = torch.log_softmax(logits.float(), dim=-1)
+            for seq, row in zip(seqs[1:], logp[1:]):
+                kl = torch.sum(row.exp() * (row - logp[0])).item()
+                self.lora.reports[seq.lora_name].next_token_kl = max(kl, 0.0)
+                measured.append(seq.lora_name)
+        return measured
 
     def load_lora(self, name: str, path: str) -> tuple[LoadReport, bool]:
         """Serve a new adapter without a restart: the same checks and report as at start-up. Returns
@@ -134,12 +188,11 @@ class LLMEngine:
     def lora_status(self, name: str | None = None) -> list[dict]:
         """Load reports and tiers of every adapter (or one served name), unloading ones included."""
         lora = self._lora()
-        if name is None:
-            return [lora.status(key) for key in sorted(lora.entries)]
-        key = lora.resolve(name)
-        if key is None:
+        keys = sorted(lora.entries) if name is None else [lora.resolve(name)]
+        if keys == [None]:
             raise UnknownModelError(name, self.model_names())
-        return [lora.status(key)]
+        self._measure_effects([k for k in keys if lora.entries[k].served])   # runtime loads: on first ask
+        return [lora.status(key) for key in keys]
 
     def lora_requests(self) -> tuple[list[str], list[str]]:
         """Adapter names of running and of waiting requests (vLLM's lora_requests_info). Called from the
@@ -298,7 +351,6 @@ class LLMEngine:
             "kv_blocks_free": self.blocks.num_free,
         }
 
-    @torch.inference_mode()
     def generate(self, prompts: list[list[int]], params: SamplingParams) -> list[list[int]]:
         """Offline helper (tests, benchmarks): run prompts to completion, return output token ids."""
         ids = [f"offline-{i}-{time.monotonic_ns()}" for i in range(len(prompts))]

@@ -63,10 +63,14 @@ class LoadReport:
     num_params: int
     load_seconds: float
     features: list[str] = field(default_factory=list)  # e.g. "DoRA", "modules_to_save: lm_head"
+    # Measured effect: KL(adapter || base) of the next-token distribution on the engine's probe prompt.
+    next_token_kl: float | None = None
 
     def summary(self) -> str:
         mods = ", ".join(f"{k} x{v}" for k, v in sorted(self.modules_by_type.items()))
         extra = f"; {', '.join(self.features)}" if self.features else ""
+        if self.next_token_kl is not None:
+            extra += f"; next-token KL vs base {self.next_token_kl:.4g}"
         return (f"{self.name}: rank {'/'.join(map(str, self.ranks))}, alpha "
                 f"{'/'.join(f'{a:g}' for a in self.alphas)}, {self.num_params:,} params in {self.num_tensors} "
                 f"tensors over {mods}{extra} ({self.load_seconds * 1000:.0f} ms)")
