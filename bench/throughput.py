@@ -160,8 +160,9 @@ def main() -> None:
     for name, r in s.items():
         ttft = r.get("ttft_s", {}).get("p50")
         itl = r.get("itl_s", {}).get("p50")
-        print(f"{name:28} {r['output_tok_s']:8.1f} {ttft if ttft is None else f'{ttft:8.3f}s':>9} "
-              f"{itl if itl is None else f'{itl * 1000:6.1f}ms':>8}")
+        ttft_s = "-" if ttft is None else f"{ttft:.3f}s"
+        itl_s = "-" if itl is None else f"{itl * 1000:.1f}ms"
+        print(f"{name:28} {r['output_tok_s']:8.1f} {ttft_s:>9} {itl_s:>8}")
     print(json.dumps(results["ratios"], indent=2))
 
 

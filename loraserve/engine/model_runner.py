@@ -24,36 +24,36 @@ class ModelRunner:
         self.block_size = kv_cache.block_size
         self.device = device
 
-    def _slots(self, seq: Sequence, end: int) -> np.ndarray:
-        """Cache slots of positions [0, end) of `seq`."""
-        table = np.asarray(seq.block_table, dtype=np.int64)
-        return (table[:, None] * self.block_size + np.arange(self.block_size)).ravel()[:end]
+    def _blocks(self, seq: Sequence, end: int) -> np.ndarray:
+        """The blocks holding positions [0, end) of `seq`."""
+        return np.asarray(seq.block_table[:-(-end // self.block_size)], dtype=np.int64)
 
     def prepare(self, batch: ScheduledBatch) -> tuple[dict, ForwardContext, list[Sequence]]:
         ids, pos, slot_mapping, token_slots, keep = [], [], [], [], []
-        decode_rows, decode_slots, decode_pos = [], [], []
+        decode_rows, decode_blocks, decode_ends = [], [], []
         groups: list[AttentionGroup] = []
         offset = 0
         sampling: list[Sequence] = []
         for seq, n in batch:
             start, end = seq.num_computed_tokens, seq.num_computed_tokens + n
             ids.extend(seq.token_ids[start:end])
-            pos.append(np.arange(start, end))
-            ctx_slots = self._slots(seq, end)
-            slot_mapping.append(ctx_slots[start:end])
+            blocks = self._blocks(seq, end)
+            positions = np.arange(start, end)
+            pos.append(positions)
+            slot_mapping.append(blocks[positions // self.block_size] * self.block_size + positions % self.block_size)
             token_slots.append(np.full(n, seq.lora_slot))
             if end == len(seq):                   # the last prompt chunk or a decode: sample a token
                 keep.append(offset + n - 1)
                 sampling.append(seq)
             if n == 1:
                 decode_rows.append(offset)
-                decode_slots.append(ctx_slots)
-                decode_pos.append(end - 1)
+                decode_blocks.append(blocks)
+                decode_ends.append(end)
             else:
-                groups.append(self._prefill_group(offset, start, end, ctx_slots))
+                groups.append(self._prefill_group(offset, start, end, blocks))
             offset += n
         if decode_rows:
-            groups.append(self._decode_group(decode_rows, decode_slots, decode_pos))
+            groups.append(self._decode_group(decode_rows, decode_blocks, decode_ends))
         dev = self.device
         inputs = {
             "input_ids": torch.tensor(ids, device=dev)[None],
@@ -65,27 +65,34 @@ class ModelRunner:
         lora = LoRABatch.from_token_slots(slots) if bool((slots >= 0).any()) else None
         return inputs, ForwardContext(attn=md, lora=lora), sampling
 
-    def _prefill_group(self, offset: int, start: int, end: int, ctx_slots: np.ndarray) -> AttentionGroup:
+    def _key_positions(self, num_blocks: int, end: int) -> np.ndarray:
+        """Positions of the keys in `num_blocks` gathered blocks: PAD_POS past the context's end, so
+        causality hides stale slots of a sequence's last block and padding blocks alike."""
+        pos = np.arange(num_blocks * self.block_size)
+        pos[end:] = PAD_POS
+        return pos
+
+    def _prefill_group(self, offset: int, start: int, end: int, blocks: np.ndarray) -> AttentionGroup:
         dev, n = self.device, end - start
         return AttentionGroup(
             rows=torch.arange(offset, offset + n, device=dev)[None],
             q_pos=torch.arange(start, end, device=dev)[None],
-            kv_slots=torch.from_numpy(ctx_slots).to(dev)[None],
-            kv_pos=torch.arange(end, device=dev)[None],
+            kv_blocks=torch.from_numpy(blocks).to(dev)[None],
+            kv_pos=torch.from_numpy(self._key_positions(len(blocks), end)).to(dev)[None],
         )
 
-    def _decode_group(self, rows: list[int], slots: list[np.ndarray], q_pos: list[int]) -> AttentionGroup:
+    def _decode_group(self, rows: list[int], blocks: list[np.ndarray], ends: list[int]) -> AttentionGroup:
         dev, b = self.device, len(rows)
-        kv_len = max(len(s) for s in slots)
-        kv_slots = np.zeros((b, kv_len), dtype=np.int64)
-        kv_pos = np.full((b, kv_len), PAD_POS, dtype=np.int64)
-        for i, s in enumerate(slots):
-            kv_slots[i, :len(s)] = s
-            kv_pos[i, :len(s)] = np.arange(len(s))
+        width = max(len(t) for t in blocks)
+        kv_blocks = np.zeros((b, width), dtype=np.int64)     # padding gathers block 0, hidden by kv_pos
+        kv_pos = np.empty((b, width * self.block_size), dtype=np.int64)
+        for i, (table, end) in enumerate(zip(blocks, ends)):
+            kv_blocks[i, :len(table)] = table
+            kv_pos[i] = self._key_positions(width, end)
         return AttentionGroup(
             rows=torch.tensor(rows, device=dev)[:, None],
-            q_pos=torch.tensor(q_pos, device=dev)[:, None],
-            kv_slots=torch.from_numpy(kv_slots).to(dev),
+            q_pos=torch.tensor([e - 1 for e in ends], device=dev)[:, None],
+            kv_blocks=torch.from_numpy(kv_blocks).to(dev),
             kv_pos=torch.from_numpy(kv_pos).to(dev),
         )
 

@@ -24,8 +24,8 @@ class AttentionGroup:
     """Sequences attended in one SDPA call: each has q_len query tokens; keys are padded to kv_len."""
     rows: torch.Tensor        # [B, q_len] token indices into the packed batch
     q_pos: torch.Tensor       # [B, q_len] position of each query token
-    kv_slots: torch.Tensor    # [B, kv_len] cache slots of each sequence's context (padding: slot 0)
-    kv_pos: torch.Tensor      # [B, kv_len] position of each key; padding has a huge position
+    kv_blocks: torch.Tensor   # [B, nb] KV blocks of each sequence's context (padding: block 0)
+    kv_pos: torch.Tensor      # [B, nb * block_size] position of each key; padding has a huge position
     masks: dict = field(default_factory=dict)   # sliding window -> [B, 1, q_len, kv_len] bool
 
     def mask(self, window: int | None) -> torch.Tensor:
@@ -72,11 +72,15 @@ def paged_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Ten
         k_cache.index_copy_(0, md.slot_mapping, key[0].transpose(0, 1).to(k_cache.dtype))
         v_cache.index_copy_(0, md.slot_mapping, value[0].transpose(0, 1).to(v_cache.dtype))
     q = query[0].transpose(0, 1)                                        # [T, H, D]
+    bs = md.kv_cache.block_size
     out = torch.empty_like(q)
     for g in md.groups:
         qg = q[g.rows].transpose(1, 2)                                  # [B, H, q_len, D]
-        kg = k_cache[g.kv_slots].permute(0, 2, 1, 3)                    # [B, Hkv, L, D]
-        vg = v_cache[g.kv_slots].permute(0, 2, 1, 3)
+        # Gather whole blocks (contiguous block_size x Hkv x D chunks), not token by token.
+        b, nb = g.kv_blocks.shape
+        kg = k_cache.view(-1, bs, *k_cache.shape[1:])[g.kv_blocks].view(b, nb * bs, *k_cache.shape[1:])
+        vg = v_cache.view(-1, bs, *v_cache.shape[1:])[g.kv_blocks].view(b, nb * bs, *v_cache.shape[1:])
+        kg, vg = kg.permute(0, 2, 1, 3), vg.permute(0, 2, 1, 3)         # [B, Hkv, L, D]
         og = _attend(qg, kg, vg, g.mask(sliding_window), scaling, softcap).transpose(1, 2)
         out[g.rows] = og
     return out.unsqueeze(0), None                                       # [1, T, H, D] like sdpa
