@@ -194,14 +194,18 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = build_parser()
+def run(parser: argparse.ArgumentParser, argv: list[str] | None = None) -> None:
+    """Parse, set up logging and run the chosen command; bad LoRA flags become a usage error."""
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(asctime)s %(name)s: %(message)s")
     try:
         args.func(args)
     except LoRAModulesError as err:
         parser.error(str(err))
+
+
+def main(argv: list[str] | None = None) -> None:
+    run(build_parser(), argv)
 
 
 if __name__ == "__main__":

@@ -133,41 +133,39 @@ def build_app(engine, api_key: str | None = None, allow_runtime_lora: bool = Fal
         (status,) = await admin.status(name)
         return JSONResponse(status)
 
+    async def answer(request: Request, subs: list, model: str, stream, respond) -> Response:
+        """Stream the SSE body, or wait for every choice (aborting them if the client leaves)."""
+        if stream is not None:
+            return _SSEResponse(stream)
+        try:
+            states = await serving.collect(subs, model, request.is_disconnected)
+        except ClientDisconnected:
+            return Response(status_code=_CLIENT_CLOSED)
+        return JSONResponse(respond(states).model_dump())
+
     @keyed.post("/v1/completions")
     async def completions(request: Request) -> Response:
         req = await _parse(request, CompletionRequest)
         response_id = f"cmpl-{uuid.uuid4().hex}"
         model, subs = serving.prepare_completion(req, response_id)
-        if req.stream:
-            return _SSEResponse(serving.completion_stream(req, model, subs, response_id))
-        try:
-            states = await serving.collect(subs, model, request.is_disconnected)
-        except ClientDisconnected:
-            return Response(status_code=_CLIENT_CLOSED)
-        return JSONResponse(serving.completion_response(req, model, subs, states, response_id).model_dump())
+        stream = serving.completion_stream(req, model, subs, response_id) if req.stream else None
+        return await answer(request, subs, model, stream,
+                            lambda states: serving.completion_response(req, model, subs, states, response_id))
 
     @keyed.post("/v1/chat/completions")
     async def chat_completions(request: Request) -> Response:
         req = await _parse(request, ChatCompletionRequest)
         response_id = f"chatcmpl-{uuid.uuid4().hex}"
         model, subs = serving.prepare_chat(req, response_id)
-        if req.stream:
-            return _SSEResponse(serving.chat_stream(req, model, subs, response_id))
-        try:
-            states = await serving.collect(subs, model, request.is_disconnected)
-        except ClientDisconnected:
-            return Response(status_code=_CLIENT_CLOSED)
-        return JSONResponse(serving.chat_response(req, model, subs, states, response_id).model_dump())
+        stream = serving.chat_stream(req, model, subs, response_id) if req.stream else None
+        return await answer(request, subs, model, stream,
+                            lambda states: serving.chat_response(req, model, subs, states, response_id))
 
     @keyed.post("/generate")
     async def generate(request: Request) -> Response:
         req = await _parse(request, GenerateRequest)
         model, subs = serving.prepare_generate(req, f"gen-{uuid.uuid4().hex}")
-        try:
-            states = await serving.collect(subs, model, request.is_disconnected)
-        except ClientDisconnected:
-            return Response(status_code=_CLIENT_CLOSED)
-        return JSONResponse(serving.generate_response(req, subs, states).model_dump())
+        return await answer(request, subs, model, None, lambda states: serving.generate_response(req, subs, states))
 
     app.include_router(public)
     app.include_router(keyed)
