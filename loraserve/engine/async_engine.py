@@ -155,6 +155,8 @@ class AsyncEngine:
         while not self._stopping:
             self._drain_inbox()
             if not self.engine.has_unfinished():
+                if self._inbox.empty() and self.engine.measure_pending_effects():
+                    continue              # idle: adapters' load reports got their measured effect
                 self._wakeup.wait(timeout=0.5)
                 self._wakeup.clear()
                 continue

@@ -110,11 +110,18 @@ class LLMEngine:
                 errors.append(f"{name} ({path}): {e}")
         if errors:
             raise AdapterError("refusing to start, bad adapters:\n  " + "\n  ".join(errors))
-        self.lora = manager
-        for key in self._measure_effects(list(manager.entries)):
-            log.info("adapter %s: next-token KL vs base on the probe prompt %.4g", manager.name_of(key),
-                     manager.reports[key].next_token_kl)
         return manager
+
+    def measure_pending_effects(self) -> bool:
+        """Measure the effect of adapters not measured yet (the async loop calls this when idle, so
+        neither start-up nor a runtime load waits for it); log each. True if any was measured."""
+        if self.lora is None:
+            return False
+        keys = self._measure_effects([k for k, e in self.lora.entries.items() if e.served])
+        for key in keys:
+            log.info("adapter %s: next-token KL vs base on the probe prompt %.4g", self.lora.name_of(key),
+                     self.lora.reports[key].next_token_kl)
+        return bool(keys)
 
     def _probe_ids(self) -> list[int]:
         """A short, fixed probe prompt: the chat template's when there is one, as users will send."""
@@ -191,7 +198,7 @@ class LLMEngine:
         keys = sorted(lora.entries) if name is None else [lora.resolve(name)]
         if keys == [None]:
             raise UnknownModelError(name, self.model_names())
-        self._measure_effects([k for k in keys if lora.entries[k].served])   # runtime loads: on first ask
+        self._measure_effects([k for k in keys if lora.entries[k].served])   # if the idle loop has not yet
         return [lora.status(key) for key in keys]
 
     def lora_requests(self) -> tuple[list[str], list[str]]:
