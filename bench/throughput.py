@@ -61,13 +61,14 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_loraserve(gguf: str, adapters: dict[str, str], port: int) -> subprocess.Popen:
+def start_loraserve(gguf: str, adapters: dict[str, str], port: int, threads: int | None) -> subprocess.Popen:
     cmd = [sys.executable, "-m", "loraserve.cli", "serve", gguf, "--served-model-name", "smollm2",
            "--dtype", "bfloat16", "--port", str(port), "--max-num-seqs", "16", "--uvicorn-log-level", "warning"]
     if adapters:
         cmd += ["--enable-lora", "--max-loras", str(len(adapters)), "--lora-modules"]
         cmd += [f"{k}={v}" for k, v in adapters.items()]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    env = {**os.environ, **({"OMP_NUM_THREADS": str(threads)} if threads else {})}
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline:
         try:
@@ -83,7 +84,7 @@ def start_loraserve(gguf: str, adapters: dict[str, str], port: int) -> subproces
 
 def loraserve_scenario(gguf: str, adapters: dict[str, str], args) -> dict:
     port = free_port()
-    proc = start_loraserve(gguf, adapters, port)
+    proc = start_loraserve(gguf, adapters, port, args.server_threads)
     try:
         return benchmark(f"http://127.0.0.1:{port}", "smollm2", list(adapters), args.vocab_size, args.num_prompts,
                          args.input_len, args.output_len, args.concurrency)
@@ -129,6 +130,8 @@ def main() -> None:
     p.add_argument("--concurrency", type=int, default=16)
     p.add_argument("--vocab-size", type=int, default=49152)
     p.add_argument("--skip-hf", action="store_true", help="skip the transformers baselines")
+    p.add_argument("--server-threads", type=int, help="OMP_NUM_THREADS for the loraserve server: with the "
+                   "load generator on the same small machine, fewer threads than cores can be faster")
     p.add_argument("--other-url", help="another OpenAI-compatible server to measure (e.g. vLLM-CPU)")
     p.add_argument("--other-model", help="its base model name")
     p.add_argument("--out", default=str(RESULTS / "throughput.json"))

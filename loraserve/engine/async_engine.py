@@ -6,6 +6,7 @@ adapter loads / unloads through a thread-safe inbox, drained between steps, so a
 placed or freed in the middle of a forward pass."""
 
 import asyncio
+import gc
 import logging
 import queue
 import threading
@@ -49,6 +50,9 @@ class AsyncEngine:
         return self.engine.stats()
 
     async def start(self) -> None:
+        # The model, tokenizer and adapters are long-lived: keep them out of the cyclic GC's scans,
+        # whose full passes over them otherwise pause the engine for ~0.2 s (measured with 20 adapters).
+        gc.freeze()
         self._loop = asyncio.get_running_loop()
         self._stopping = False
         self._thread = threading.Thread(target=self._run, name="loraserve-engine", daemon=True)

@@ -3,6 +3,7 @@
 One step = schedule a batch -> one packed forward -> sample -> append tokens, detokenize, check
 stops -> free what finished. The async wrapper (async_engine.py) runs this loop on a thread."""
 
+import gc
 import logging
 import os
 import time
@@ -113,11 +114,13 @@ class LLMEngine:
         return manager
 
     def measure_pending_effects(self) -> bool:
-        """Measure the effect of adapters not measured yet (the async loop calls this when idle, so
-        neither start-up nor a runtime load waits for it); log each. True if any was measured."""
+        """Measure the effect of the start-up adapters (the async loop calls this when idle, so start-up
+        does not wait for it); log each. True if any was measured. Runtime loads are measured when
+        their report is first asked for, so a hot load costs only its read and checks."""
         if self.lora is None:
             return False
-        keys = self._measure_effects([k for k, e in self.lora.entries.items() if e.served])
+        pending = [k for k in self.config.lora.lora_modules if k in self.lora.entries and self.lora.entries[k].served]
+        keys = self._measure_effects(pending)
         for key in keys:
             log.info("adapter %s: next-token KL vs base on the probe prompt %.4g", self.lora.name_of(key),
                      self.lora.reports[key].next_token_kl)
@@ -183,6 +186,7 @@ class LLMEngine:
         if known is not None and os.path.realpath(known) == os.path.realpath(path):
             return lora.reports[lora.resolve(name)], False
         report = lora.load(name, path)
+        gc.freeze()   # the new adapter is long-lived too (see AsyncEngine.start)
         log.info("loaded adapter %s", report.summary())
         return report, True
 
