@@ -10,25 +10,20 @@ import torch
 
 @dataclass
 class LoRABatch:
-    """Which LoRA slot each token of the packed batch uses. Slot -1 is the base model.
-    `rows` are the token indices that use some adapter (base rows pay nothing), `slots` their slots."""
+    """Which LoRA slot each token of the packed batch uses. Slot -1 is the base model."""
     token_slots: torch.Tensor               # [T] int64, -1 = base
-    rows: torch.Tensor                      # [N] int64, indices into T with slot >= 0
-    slots: torch.Tensor                     # [N] int64, slot of each such row
     any_lora: bool
     cache: dict = field(default_factory=dict, repr=False)   # per-step tensors the LoRA layers share
 
     @classmethod
     def from_token_slots(cls, token_slots: torch.Tensor) -> "LoRABatch":
-        rows = torch.nonzero(token_slots >= 0).flatten()
-        return cls(token_slots, rows, token_slots[rows], rows.numel() > 0)
+        return cls(token_slots, bool((token_slots >= 0).any()))
 
 
 @dataclass
 class ForwardContext:
     attn: object | None = None              # engine.attention_metadata.AttentionMetadata for paged runs
     lora: LoRABatch | None = None
-    extra: dict = field(default_factory=dict)
 
 
 _CONTEXT = ForwardContext()

@@ -62,8 +62,8 @@ class ModelRunner:
         }
         md = AttentionMetadata(self.kv_cache, torch.from_numpy(np.concatenate(slot_mapping)).to(dev), groups)
         slots = torch.from_numpy(np.concatenate(token_slots)).to(dev)
-        lora = LoRABatch.from_token_slots(slots) if bool((slots >= 0).any()) else None
-        return inputs, ForwardContext(attn=md, lora=lora), sampling
+        lora = LoRABatch.from_token_slots(slots)
+        return inputs, ForwardContext(attn=md, lora=lora if lora.any_lora else None), sampling
 
     def _key_positions(self, num_blocks: int, end: int) -> np.ndarray:
         """Positions of the keys in `num_blocks` gathered blocks: PAD_POS past the context's end, so
