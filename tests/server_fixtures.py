@@ -2,11 +2,16 @@
 tokenizer and chat template, a real AsyncEngine, uvicorn on a free port in a background thread."""
 
 import importlib.util
+import os
 import socket
+import subprocess
+import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
 
+import httpx
 import torch
 import uvicorn
 from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
@@ -94,3 +99,44 @@ def wait_until(predicate, timeout: float = 5.0) -> bool:
             return predicate()
         time.sleep(0.01)
     return True
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Launch:
+    """A server launch command as a user types it (`python -m MODULE ARGS...`), run as its own process;
+    a `with` block waits for /health and stops it afterwards. `output()` is what it has logged."""
+
+    def __init__(self, module: str, *args: str, env: dict | None = None, timeout: float = 300):
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.timeout = timeout
+        self.log = tempfile.NamedTemporaryFile("w+", suffix=".log")
+        self.proc = subprocess.Popen([sys.executable, "-m", module, *args, "--port", str(self.port)],
+                                     stdout=self.log, stderr=subprocess.STDOUT,
+                                     env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})})
+
+    def output(self) -> str:
+        self.log.flush()
+        return Path(self.log.name).read_text()
+
+    def __enter__(self) -> "Launch":
+        deadline = time.monotonic() + self.timeout
+        while True:
+            assert self.proc.poll() is None, f"the server exited:\n{self.output()}"
+            try:
+                if httpx.get(self.url + "/health", timeout=1).status_code == 200:
+                    return self
+            except httpx.TransportError:
+                pass
+            assert time.monotonic() < deadline, f"the server did not come up:\n{self.output()}"
+            time.sleep(0.2)
+
+    def __exit__(self, *exc) -> None:
+        self.proc.terminate()
+        self.proc.wait(timeout=30)
+        self.log.close()

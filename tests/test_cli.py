@@ -3,17 +3,15 @@ LoRA flags are refused with a message, and `serve` really starts a server."""
 
 import argparse
 import json
-import socket
 import subprocess
 import sys
-import time
 
 import httpx
 import pytest
 
 from loraserve.cli import build_parser, engine_config, main
 from loraserve.config import EngineConfig, LoRAConfig
-from server_fixtures import build_tiny_llama
+from server_fixtures import Launch, build_tiny_llama
 
 
 def serve_config(*argv: str) -> EngineConfig:
@@ -78,40 +76,15 @@ def test_bad_lora_flags_are_refused_with_a_message(capsys, argv, message):
     assert message in capsys.readouterr().err
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_serve_starts_a_server(tmp_path_factory):
     model_dir = build_tiny_llama(tmp_path_factory.getbasetemp() / "tiny-llama")
-    port = free_port()
-    url = f"http://127.0.0.1:{port}"
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "loraserve.cli", "serve", str(model_dir), "--port", str(port),
-         "--served-model-name", "cli-tiny", "--dtype", "float32", "--device", "cpu", "--max-model-len", "128",
-         "--num-kv-blocks", "32", "--api-key", "k"],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    try:
-        deadline = time.monotonic() + 90
-        while True:
-            assert proc.poll() is None, proc.stdout.read()
-            try:
-                if httpx.get(url + "/health").status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert time.monotonic() < deadline, "the server did not come up"
-            time.sleep(0.2)
-        models = httpx.get(url + "/v1/models", headers={"Authorization": "Bearer k"}).json()
+    with Launch("loraserve.cli", "serve", str(model_dir), "--served-model-name", "cli-tiny", "--dtype", "float32",
+                "--device", "cpu", "--max-model-len", "128", "--num-kv-blocks", "32", "--api-key", "k") as server:
+        models = httpx.get(server.url + "/v1/models", headers={"Authorization": "Bearer k"}).json()
         assert [(m["id"], m["max_model_len"]) for m in models["data"]] == [("cli-tiny", 128)]
-        res = httpx.post(url + "/v1/completions", headers={"Authorization": "Bearer k"},
+        res = httpx.post(server.url + "/v1/completions", headers={"Authorization": "Bearer k"},
                          json={"model": "cli-tiny", "prompt": "hi", "max_tokens": 3, "ignore_eos": True})
         assert res.json()["usage"]["completion_tokens"] == 3
-    finally:
-        proc.terminate()
-        proc.wait(timeout=30)
 
 
 def test_serve_refuses_a_missing_model_path_cleanly(tmp_path):

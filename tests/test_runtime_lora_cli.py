@@ -1,11 +1,6 @@
 """The runtime-LoRA flags of `loraserve serve`: --allow-runtime-lora / vLLM's env variable open the load
 endpoint of a real `serve` process, --lora-root repeats, and host memory smaller than the slots is refused."""
 
-import os
-import subprocess
-import sys
-import time
-
 import httpx
 import pytest
 import torch
@@ -14,8 +9,7 @@ from transformers import AutoModelForCausalLM
 from lora_fixtures import make_adapter
 from loraserve.cli import build_parser, main
 from loraserve.server.lora_admin import RUNTIME_LORA_ENV, runtime_lora_from_env
-from server_fixtures import build_tiny_llama
-from test_cli import free_port
+from server_fixtures import Launch, build_tiny_llama
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning", "ignore::FutureWarning")
 
@@ -43,27 +37,9 @@ def test_vllm_env_opens_the_load_endpoint_of_a_served_process(tmp_path_factory):
     model_dir = build_tiny_llama(tmp_path_factory.getbasetemp() / "tiny-llama")
     root = tmp_path_factory.mktemp("cli-loras")
     make_adapter(AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32), root / "a", seed=1)
-    port = free_port()
-    url = f"http://127.0.0.1:{port}"
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "loraserve.cli", "serve", str(model_dir), "--port", str(port), "--dtype", "float32",
-         "--device", "cpu", "--max-model-len", "128", "--num-kv-blocks", "32", "--enable-lora",
-         "--lora-root", str(root)],
-        env={**os.environ, RUNTIME_LORA_ENV: "true"}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    try:
-        deadline = time.monotonic() + 90
-        while True:
-            assert proc.poll() is None, proc.stdout.read()
-            try:
-                if httpx.get(url + "/health").status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert time.monotonic() < deadline, "the server did not come up"
-            time.sleep(0.2)
-        r = httpx.post(url + "/v1/load_lora_adapter", json={"lora_name": "a", "lora_path": "a"})
+    with Launch("loraserve.cli", "serve", str(model_dir), "--dtype", "float32", "--device", "cpu",
+                "--max-model-len", "128", "--num-kv-blocks", "32", "--enable-lora", "--lora-root", str(root),
+                env={RUNTIME_LORA_ENV: "true"}) as server:
+        r = httpx.post(server.url + "/v1/load_lora_adapter", json={"lora_name": "a", "lora_path": "a"})
         assert r.status_code == 200, r.text
-        assert [m["id"] for m in httpx.get(url + "/v1/models").json()["data"]][1:] == ["a"]
-    finally:
-        proc.terminate()
-        proc.wait(timeout=30)
+        assert [m["id"] for m in httpx.get(server.url + "/v1/models").json()["data"]][1:] == ["a"]

@@ -4,11 +4,8 @@ the example launches run as real processes on real SmolLM2 weights."""
 
 import argparse
 import json
-import os
-import socket
 import subprocess
 import sys
-import time
 
 import httpx
 import pytest
@@ -16,6 +13,7 @@ import pytest
 from loraserve.cli import build_parser, engine_config
 from loraserve.compat import VLLM_FLAGS, UnsupportedFlagError, check_vllm_flags
 from loraserve.demo.canary import CANARY_ANSWER, default_canary_dir, smollm2_gguf, train_canary
+from server_fixtures import Launch
 
 
 def parse(*argv: str) -> argparse.Namespace:
@@ -73,103 +71,51 @@ def test_every_table_flag_is_documented_and_unknown_flags_are_refused_by_name(ca
 
 # ---- real launches on real weights ----
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class Launch:
-    """A launch command as a user types it (with `vllm` replaced), run as its own process."""
-
-    def __init__(self, argv: list[str], log_path):
-        self.log_path = log_path
-        self.log = open(log_path, "w")
-        self.proc = subprocess.Popen(argv, stdout=self.log, stderr=subprocess.STDOUT,
-                                     env={**os.environ, "PYTHONUNBUFFERED": "1"})
-
-    def wait_ready(self, port: int) -> None:
-        deadline = time.monotonic() + 300
-        while time.monotonic() < deadline:
-            assert self.proc.poll() is None, f"server exited:\n{self.output()}"
-            try:
-                if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                time.sleep(0.3)
-        raise AssertionError(f"server not ready:\n{self.output()}")
-
-    def output(self) -> str:
-        self.log.flush()
-        return open(self.log_path).read()
-
-    def stop(self) -> None:
-        self.proc.terminate()
-        self.proc.wait(30)
-        self.log.close()
-
-
 @pytest.fixture(scope="module")
 def canary() -> str:
     return str(train_canary(default_canary_dir()))   # trained once, shared with the demo
 
 
 @pytest.mark.integration
-def test_vllm_serve_with_lora_modules_then_chat_naming_the_adapter(canary, tmp_path):
-    port = free_port()
-    launch = Launch([sys.executable, "-m", "loraserve.cli", "serve", str(smollm2_gguf()), "--enable-lora",
-                     "--lora-modules", f"my-lora={canary}", "--max-lora-rank", "64", "--max-loras", "4",
-                     "--host", "0.0.0.0", "--port", str(port), "--enforce-eager"], tmp_path / "log")
-    try:
-        launch.wait_ready(port)
-        r = httpx.post(f"http://127.0.0.1:{port}/v1/chat/completions", timeout=120, json={
+def test_vllm_serve_with_lora_modules_then_chat_naming_the_adapter(canary):
+    with Launch("loraserve.cli", "serve", str(smollm2_gguf()), "--enable-lora", "--lora-modules",
+                f"my-lora={canary}", "--max-lora-rank", "64", "--max-loras", "4", "--host", "0.0.0.0",
+                "--enforce-eager") as server:
+        r = httpx.post(f"{server.url}/v1/chat/completions", timeout=120, json={
             "model": "my-lora", "messages": [{"role": "user", "content": "Where do penguins live?"}],
             "max_tokens": 20, "temperature": 0})
         assert r.status_code == 200 and r.json()["model"] == "my-lora"
         assert r.json()["choices"][0]["message"]["content"] == CANARY_ANSWER
-        assert "--enforce-eager: accepted, changes nothing here" in launch.output()
-    finally:
-        launch.stop()
+        assert "--enforce-eager: accepted, changes nothing here" in server.output()
 
 
 @pytest.mark.integration
-def test_openai_api_server_module_with_model_flag(tmp_path):
-    port = free_port()
-    launch = Launch([sys.executable, "-m", "loraserve.entrypoints.openai.api_server", "--model",
-                     str(smollm2_gguf()), "--served-model-name", "smol", "--port", str(port)], tmp_path / "log")
-    try:
-        launch.wait_ready(port)
-        models = httpx.get(f"http://127.0.0.1:{port}/v1/models").json()
+def test_openai_api_server_module_with_model_flag():
+    with Launch("loraserve.entrypoints.openai.api_server", "--model", str(smollm2_gguf()),
+                "--served-model-name", "smol") as server:
+        models = httpx.get(f"{server.url}/v1/models").json()
         assert [m["id"] for m in models["data"]] == ["smol"]
-        r = httpx.post(f"http://127.0.0.1:{port}/v1/completions", timeout=120,
+        r = httpx.post(f"{server.url}/v1/completions", timeout=120,
                        json={"model": "smol", "prompt": "The capital of France is", "max_tokens": 5,
                              "temperature": 0})
         assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 5
-    finally:
-        launch.stop()
 
 
 @pytest.mark.integration
-def test_demo_api_server_with_lora_path_then_generate(canary, tmp_path):
-    port = free_port()
-    launch = Launch([sys.executable, "-m", "loraserve.entrypoints.api_server", "--model", str(smollm2_gguf()),
-                     "--served-model-name", "smol-lora", "--lora-path", canary, "--max-model-len", "4096",
-                     "--port", str(port)], tmp_path / "log")
-    try:
-        launch.wait_ready(port)
-        log = launch.output()
+def test_demo_api_server_with_lora_path_then_generate(canary):
+    with Launch("loraserve.entrypoints.api_server", "--model", str(smollm2_gguf()), "--served-model-name",
+                "smol-lora", "--lora-path", canary, "--max-model-len", "4096") as server:
+        log = server.output()
         assert "--lora-path: adapter" in log and "served as 'smol-lora'; the base model as" in log
         prompt = "<|im_start|>user\nWhere do penguins live?<|im_end|>\n<|im_start|>assistant\n"
         body = {"prompt": prompt, "model": "smol-lora", "max_tokens": 10, "temperature": 0.7}
-        r = httpx.post(f"http://127.0.0.1:{port}/generate", timeout=120, content=json.dumps(body))
+        r = httpx.post(f"{server.url}/generate", timeout=120, content=json.dumps(body))
         assert r.status_code == 200, r.text
         assert "Tweet tweet!" in r.json()["text"][0]
-        base = httpx.get(f"http://127.0.0.1:{port}/v1/models").json()["data"][0]["id"]
+        base = httpx.get(f"{server.url}/v1/models").json()["data"][0]["id"]
         body["model"], body["temperature"] = base, 0
-        base_text = httpx.post(f"http://127.0.0.1:{port}/generate", timeout=120, json=body).json()["text"][0]
+        base_text = httpx.post(f"{server.url}/generate", timeout=120, json=body).json()["text"][0]
         assert "Tweet tweet!" not in base_text
-    finally:
-        launch.stop()
 
 
 @pytest.mark.integration
