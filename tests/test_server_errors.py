@@ -6,24 +6,13 @@ import openai
 import pytest
 
 from loraserve.engine.async_engine import AsyncEngine
-from server_fixtures import MAX_MODEL_LEN, ServerThread, build_tiny_llama, tiny_engine_config
+from server_fixtures import MAX_MODEL_LEN, ServerThread, tiny_engine_config
 
 MODEL = "tiny-llama"
 KEY = "sk-test-key"
 CHAT = "/v1/chat/completions"
 COMPLETIONS = "/v1/completions"
 USER_HI = [{"role": "user", "content": "hi"}]
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    return build_tiny_llama(tmp_path_factory.getbasetemp() / "tiny-llama")
-
-
-@pytest.fixture(scope="module")
-def server(model_dir):
-    with ServerThread(AsyncEngine(tiny_engine_config(model_dir))) as s:
-        yield s
 
 
 @pytest.fixture(scope="module")

@@ -16,21 +16,10 @@ from lora_fixtures import make_adapter
 from loraserve import __version__
 from loraserve.config import LoRAConfig
 from loraserve.engine.async_engine import AsyncEngine
-from server_fixtures import MAX_MODEL_LEN, ServerThread, build_tiny_llama, tiny_engine_config, wait_until
+from server_fixtures import MAX_MODEL_LEN, ServerThread, tiny_engine_config, wait_until
 
 MODEL = "tiny-llama"
 AS_IDS = {"return_tokens_as_token_ids": True}
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    return build_tiny_llama(tmp_path_factory.getbasetemp() / "tiny-llama")
-
-
-@pytest.fixture(scope="module")
-def server(model_dir):
-    with ServerThread(AsyncEngine(tiny_engine_config(model_dir))) as s:
-        yield s
 
 
 @pytest.fixture(scope="module")
