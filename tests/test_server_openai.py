@@ -227,6 +227,14 @@ def test_health_and_version(server):
     assert httpx.get(server.url + "/version").json() == {"version": __version__}
 
 
+def test_health_is_503_once_the_engine_loop_is_gone(model_dir):
+    engine = AsyncEngine(tiny_engine_config(model_dir))
+    with ServerThread(engine) as s:
+        assert httpx.get(s.url + "/health").status_code == 200
+        asyncio.run(engine.shutdown())
+        assert httpx.get(s.url + "/health").status_code == 503
+
+
 def all_blocks_free(engine) -> bool:
     stats = engine.stats()
     return stats["kv_blocks_free"] == stats["kv_blocks_total"] and stats["num_running"] == stats["num_waiting"] == 0

@@ -41,6 +41,7 @@ class AsyncEngine:
         self._streams: dict[str, asyncio.Queue] = {}
         self._thread: threading.Thread | None = None
         self._stopping = False
+        self._measuring = True
         self._loop: asyncio.AbstractEventLoop | None = None
 
     def model_names(self) -> list[str]:
@@ -155,11 +156,27 @@ class AsyncEngine:
             except Exception as e:   # checked before queueing, but state may have changed since
                 self._publish(request_id, e)
 
+    @property
+    def is_running(self) -> bool:
+        """True while the step loop thread is alive (what /health reports)."""
+        return self._thread is not None and self._thread.is_alive() and not self._stopping
+
+    def _measure_when_idle(self) -> bool:
+        if not self._measuring:
+            return False
+        try:
+            return self.engine.measure_pending_effects()
+        except Exception:
+            # A measurement is a nicety: it must never stop the loop. Report it once, then stop trying.
+            log.exception("measuring adapters' effect failed; load reports will not carry it")
+            self._measuring = False
+            return False
+
     def _run(self) -> None:
         while not self._stopping:
             self._drain_inbox()
             if not self.engine.has_unfinished():
-                if self._inbox.empty() and self.engine.measure_pending_effects():
+                if self._inbox.empty() and self._measure_when_idle():
                     continue              # idle: adapters' load reports got their measured effect
                 self._wakeup.wait(timeout=0.5)
                 self._wakeup.clear()

@@ -95,7 +95,8 @@ def build_app(engine, api_key: str | None = None, allow_runtime_lora: bool = Fal
 
     @public.get("/health")
     async def health() -> Response:
-        return Response(status_code=200)
+        # 503 once the engine loop is gone, so an orchestrator restarts the container.
+        return Response(status_code=200 if engine.is_running else 503)
 
     @public.get("/version")
     async def version() -> dict:
