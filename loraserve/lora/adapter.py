@@ -171,7 +171,8 @@ _SUFFIXES = (
 )
 
 
-def _split_key(key: str) -> tuple[str, str]:
+def split_key(key: str) -> tuple[str, str]:
+    """A saved tensor name -> (module name, the ModuleDelta field it fills, or "unknown")."""
     name = key[len(PREFIX):] if key.startswith(PREFIX) else key
     for suffix, what in _SUFFIXES:
         if name.endswith(suffix):
@@ -197,7 +198,7 @@ def build_adapter(name: str, path: str, config: dict, tensors: dict[str, torch.T
     keys_of: dict[str, list[str]] = {}
     unmapped, unknown = [], []
     for key, t in tensors.items():
-        mod, what = _split_key(key)
+        mod, what = split_key(key)
         if what == "unknown":
             unknown.append(key)
             continue

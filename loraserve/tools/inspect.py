@@ -15,19 +15,13 @@ from collections import Counter
 import torch
 from peft.utils.other import get_pattern_key
 
-from loraserve.lora.adapter import PREFIX, AdapterError, load_adapter, read_peft_dir
+from loraserve.lora.adapter import AdapterError, load_adapter, read_peft_dir, split_key
 from loraserve.tools.common import EXIT_OK, EXIT_PROBLEM, EXIT_USAGE, UsageError, adapter_dir, emit
 from loraserve.tools.oracle import load_base, load_peft, logits_of, probe_inputs
 
-# Tensor-name suffixes PEFT writes, and what each one is.
-_KINDS = (
-    (".lora_A.weight", "lora_A"), (".lora_B.weight", "lora_B"), (".lora_B.bias", "lora_bias"),
-    (".lora_embedding_A", "lora_A"), (".lora_embedding_B", "lora_B"),
-    (".lora_magnitude_vector.weight", "dora_magnitude"), (".lora_magnitude_vector", "dora_magnitude"),
-    (".token_adapter.trainable_tokens_delta", "trainable_tokens"),
-    (".base_layer.weight", "base_copy"), (".base_layer.bias", "bias"),
-    (".weight", "full_weight"), (".bias", "bias"),
-)
+# What each ModuleDelta field (adapter.split_key reads PEFT's tensor names) is called in the report.
+_KINDS = {"lora_a": "lora_A", "lora_b": "lora_B", "lora_bias": "lora_bias", "magnitude": "dora_magnitude",
+          "token_values": "trainable_tokens", "base_weight": "base_copy", "bias": "bias", "weight": "full_weight"}
 # Config keys shown when set to something other than PEFT's default.
 _OPTIONS = {
     "use_rslora": False, "use_dora": False, "bias": "none", "lora_bias": False, "modules_to_save": None,
@@ -70,12 +64,11 @@ def describe(config: dict, tensors: dict[str, torch.Tensor]) -> dict:
     modules: dict[str, dict] = {}
     unknown = []
     for key, t in tensors.items():
-        name = key.removeprefix(PREFIX)
-        match = next(((suffix, kind) for suffix, kind in _KINDS if name.endswith(suffix)), None)
-        if match is None:
+        module, field = split_key(key)
+        if field not in _KINDS:
             unknown.append(key)
             continue
-        modules.setdefault(name[: -len(match[0])], {})[match[1]] = t
+        modules.setdefault(module, {})[_KINDS[field]] = t
     r, alpha = config.get("r", 8), config.get("lora_alpha", 8)
     alpha_pattern = config.get("alpha_pattern") or {}
     per_module, zero_b, lora_b_count = {}, 0, 0
