@@ -21,20 +21,21 @@ ATTN_NAME = "loraserve_paged"
 
 @dataclass
 class AttentionGroup:
-    """Sequences attended in one SDPA call: each has q_len query tokens; keys are padded to kv_len."""
+    """Sequences attended together: each has q_len query tokens; keys are padded to kv_len."""
     rows: torch.Tensor        # [B, q_len] token indices into the packed batch
     q_pos: torch.Tensor       # [B, q_len] position of each query token
     kv_blocks: torch.Tensor   # [B, nb] KV blocks of each sequence's context (padding: block 0)
     kv_pos: torch.Tensor      # [B, nb * block_size] position of each key; padding has a huge position
     masks: dict = field(default_factory=dict)   # sliding window -> [B, 1, q_len, kv_len] bool
 
-    def mask(self, window: int | None) -> torch.Tensor:
+    def blocked(self, window: int | None) -> torch.Tensor:
+        """Keys each query must not see; built once per step and window, shared by every layer."""
         if window not in self.masks:
             q, k = self.q_pos[:, :, None], self.kv_pos[:, None, :]
             allowed = k <= q                    # causal (padding keys sit past every query)
             if window is not None:
                 allowed &= k > q - window       # transformers' sliding-window rule
-            self.masks[window] = allowed[:, None]
+            self.masks[window] = ~allowed[:, None]
         return self.masks[window]
 
 
@@ -45,9 +46,9 @@ class AttentionMetadata:
     groups: list[AttentionGroup]
 
 
-def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, scaling: float | None,
+def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, blocked: torch.Tensor, scaling: float | None,
             softcap: float | None) -> torch.Tensor:
-    """q [B, H, q, D], k/v [B, Hkv, L, D], mask [B, 1, q, L] -> [B, H, q, D].
+    """q [B, H, q, D], k/v [B, Hkv, L, D], blocked [B, 1, q, L] -> [B, H, q, D].
 
     Plain grouped matmuls rather than SDPA: on CPU, bf16 SDPA with a mask and GQA is ~50x slower than
     this for decode shapes (measured: 4.8 ms vs 0.09 ms for 16 x 9 heads x 128 keys). Query heads are
@@ -58,9 +59,17 @@ def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tenso
     scores = torch.matmul(qg, k.transpose(-1, -2)).float() * (scaling if scaling is not None else d ** -0.5)
     if softcap is not None:   # Gemma 2's attention logit soft-capping
         scores = torch.tanh(scores / softcap) * softcap
-    scores = scores.view(b, hkv, h // hkv, n, -1).masked_fill(~mask[:, :, None], float("-inf"))
+    scores = scores.view(b, hkv, h // hkv, n, -1).masked_fill(blocked[:, :, None], float("-inf"))
     probs = torch.softmax(scores, dim=-1).to(v.dtype).view(b, hkv, (h // hkv) * n, -1)
     return torch.matmul(probs, v).view(b, h, n, d)
+
+
+def _gather(cache: torch.Tensor, blocks: torch.Tensor, block_size: int) -> torch.Tensor:
+    """[B, Hkv, nb * block_size, D] keys (or values) of `blocks` [B, nb]: whole blocks are gathered
+    (contiguous block_size x Hkv x D chunks), not token by token."""
+    b, nb = blocks.shape
+    per_block = cache.view(-1, block_size, *cache.shape[1:])
+    return per_block[blocks].view(b, nb * block_size, *cache.shape[1:]).permute(0, 2, 1, 3)
 
 
 def paged_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
@@ -76,13 +85,8 @@ def paged_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Ten
     out = torch.empty_like(q)
     for g in md.groups:
         qg = q[g.rows].transpose(1, 2)                                  # [B, H, q_len, D]
-        # Gather whole blocks (contiguous block_size x Hkv x D chunks), not token by token.
-        b, nb = g.kv_blocks.shape
-        kg = k_cache.view(-1, bs, *k_cache.shape[1:])[g.kv_blocks].view(b, nb * bs, *k_cache.shape[1:])
-        vg = v_cache.view(-1, bs, *v_cache.shape[1:])[g.kv_blocks].view(b, nb * bs, *v_cache.shape[1:])
-        kg, vg = kg.permute(0, 2, 1, 3), vg.permute(0, 2, 1, 3)         # [B, Hkv, L, D]
-        og = _attend(qg, kg, vg, g.mask(sliding_window), scaling, softcap).transpose(1, 2)
-        out[g.rows] = og
+        kg, vg = _gather(k_cache, g.kv_blocks, bs), _gather(v_cache, g.kv_blocks, bs)
+        out[g.rows] = _attend(qg, kg, vg, g.blocked(sliding_window), scaling, softcap).transpose(1, 2)
     return out.unsqueeze(0), None                                       # [1, T, H, D] like sdpa
 
 
