@@ -110,7 +110,7 @@ def test_load_report_measures_each_adapters_effect_like_peft(adapters):
     through the serving path: it equals the same KL computed with PeftModel."""
     engine = lora_engine(adapters, max_loras=2)           # 3 adapters, 2 slots: measured in two forwards
     assert engine.measure_pending_effects() and not engine.measure_pending_effects()
-    probe = torch.tensor([engine._probe_ids()])
+    probe = torch.tensor([engine.probe_ids])
     _, base = tiny_model("llama")
     with torch.no_grad():
         base_lp = torch.log_softmax(base(probe).logits[0, -1], dim=-1)

@@ -3,6 +3,7 @@
 One step = schedule a batch -> one packed forward -> sample -> append tokens, detokenize, check
 stops -> free what finished. The async wrapper (async_engine.py) runs this loop on a thread."""
 
+import functools
 import gc
 import logging
 import os
@@ -126,7 +127,8 @@ class LLMEngine:
                      self.lora.reports[key].next_token_kl)
         return bool(keys)
 
-    def _probe_ids(self) -> list[int]:
+    @functools.cached_property
+    def probe_ids(self) -> list[int]:
         """A short, fixed probe prompt: the chat template's when there is one, as users will send."""
         chat = [{"role": "user", "content": "Tell me about yourself."}]
         if getattr(self.tokenizer, "chat_template", None):
@@ -142,7 +144,9 @@ class LLMEngine:
         next-token distribution. Only between steps, on the engine thread; adapters that find no free
         slot or KV blocks now are left unmeasured. Returns the keys measured."""
         pending = [k for k in keys if self.lora.reports[k].next_token_kl is None]
-        ids, measured = self._probe_ids(), []
+        if not pending:              # the idle loop asks often: no work, no probe to build
+            return []
+        ids, measured = self.probe_ids, []
         blocks_per_seq = -(-len(ids) // self.blocks.block_size)
         while pending:
             room = min(self.lora.max_loras, self.blocks.num_free // blocks_per_seq - 1)
