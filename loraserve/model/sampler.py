@@ -57,9 +57,10 @@ class Sampler:
             ks = torch.tensor([k if k > 0 else vocab for k in top_k], device=logits.device)
             rank = torch.arange(vocab, device=logits.device)[None, :]
             drop = rank >= ks[:, None]
-            cum = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
+            sorted_probs = sorted_logits.softmax(dim=-1)
             ps = torch.tensor(top_p, device=logits.device)
-            drop |= (cum - sorted_logits.softmax(dim=-1)) >= ps[:, None]   # keep the token that crosses p
+            # The mass before each token: keep the token that crosses p.
+            drop |= (sorted_probs.cumsum(dim=-1) - sorted_probs) >= ps[:, None]
             sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
             logits = torch.full_like(logits, float("-inf")).scatter(1, order, sorted_logits)
         return logits.softmax(dim=-1)
