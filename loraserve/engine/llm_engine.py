@@ -282,7 +282,7 @@ class LLMEngine:
         lora_name = self.check_request(prompt_token_ids, params, model)
         if request_id in self.seqs:
             raise RequestError(f"request id {request_id!r} is already in use")
-        seq = Sequence(request_id, prompt_token_ids, params, lora_name, arrival_time=time.monotonic())
+        seq = Sequence(request_id, prompt_token_ids, params, lora_name)
         self.seqs[request_id] = seq
         if lora_name is not None:
             self.lora.use(lora_name)
@@ -306,11 +306,9 @@ class LLMEngine:
         if not sampling:
             return []
         tokens, logprobs = self.sampler(logits, sampling)
-        now = time.monotonic()
         outputs = []
         for seq, token, lp in zip(sampling, tokens, logprobs):
             seq.token_ids.append(token)
-            seq.first_token_time = seq.first_token_time or now
             new_text = self._update_text(seq)
             if seq.is_finished:
                 self.seqs.pop(seq.request_id, None)

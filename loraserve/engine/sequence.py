@@ -19,7 +19,7 @@ _ids = itertools.count()
 
 class Sequence:
     def __init__(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
-                 lora_name: str | None = None, arrival_time: float = 0.0):
+                 lora_name: str | None = None):
         self.seq_id = next(_ids)
         self.request_id = request_id
         self.prompt_token_ids = list(prompt_token_ids)
@@ -30,8 +30,6 @@ class Sequence:
         self.status = SequenceStatus.WAITING
         self.num_computed_tokens = 0              # tokens whose K/V sit in the cache
         self.block_table: list[int] = []
-        self.arrival_time = arrival_time
-        self.first_token_time: float | None = None
         self.finish_reason: str | None = None
         # Per-request generator: a seeded request samples the same tokens whatever shares its batch.
         self.generator: torch.Generator | None = None
