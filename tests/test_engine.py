@@ -152,3 +152,31 @@ def test_async_engine_streams_and_aborts_on_close():
         finally:
             await ae.shutdown()
     asyncio.run(main())
+
+
+def test_a_failing_idle_measurement_never_stops_the_loop(caplog):
+    model, _ = tiny_model("llama")
+    cfg = EngineConfig(model="tiny", num_kv_blocks=64, block_size=4, max_num_batched_tokens=16)
+
+    async def main():
+        ae = AsyncEngine(cfg, model, IdTokenizer())
+        calls = []
+
+        def broken() -> bool:
+            calls.append(1)
+            raise RuntimeError("probe failed")
+        ae.engine.measure_pending_effects = broken      # inject the fault the loop must survive
+        await ae.start()
+        try:
+            for _ in range(100):
+                if calls:
+                    break
+                await asyncio.sleep(0.01)
+            outs = [o async for o in ae.generate(prompts(1)[0], GREEDY)]
+            assert outs[-1].finished and ae.is_running
+            await asyncio.sleep(0.6)                    # idle again: the broken measurement is not retried
+            assert len(calls) == 1
+        finally:
+            await ae.shutdown()
+    asyncio.run(main())
+    assert "measuring adapters' effect failed" in caplog.text
