@@ -1,7 +1,9 @@
 """A small, fast version of bench/throughput.py run by the suite: ratios measured side by side in one
 process, never absolute times. It catches regressions that would sink issue 7's bars (a Python loop
 per token, a lost batched path, LoRA falling off its grouped kernels), not noise: each figure is the
-best of two interleaved runs and the floors sit well below what this machine measures (bench/README.md)."""
+best of two interleaved runs, and the floors sit below what this machine measures at this workload
+(engine / transformers 1.2-1.3, mixed / base 0.6-0.7). At 32 new tokens the two engines tied: prefill
+weighs too much there for the ratio to mean anything."""
 
 import time
 
@@ -16,7 +18,7 @@ from loraserve.model.loader import load_model, model_dir
 
 pytestmark = pytest.mark.integration
 
-BATCH, PROMPT, NEW = 16, 64, 32
+BATCH, PROMPT, NEW = 16, 64, 64   # issue 7's workload: decode dominates, as in serving
 
 
 @pytest.fixture(scope="module")
