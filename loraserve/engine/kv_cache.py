@@ -1,9 +1,9 @@
 """Paged KV cache: fixed-size blocks in one flat buffer per layer, handed out by a block manager.
 
 Memory grows with tokens in use: a sequence holds ceil(len / block_size) blocks, freed the moment it
-finishes or is aborted. K/V are stored flat as [num_blocks * block_size, kv_heads, head_dim] so a
-token's cache slot is block * block_size + offset, and attention gathers a sequence's context with
-one index tensor."""
+finishes or is aborted. K/V are stored heads-first as [kv_heads, num_blocks * block_size, head_dim]: a
+token's cache slot is block * block_size + offset, and gathering a batch's blocks yields
+[kv_heads, batch, tokens, head_dim] already laid out for the attention matmuls (no transposing copy)."""
 
 from collections import deque
 from dataclasses import dataclass
@@ -53,8 +53,8 @@ class KVCache:
         self.v: dict[int, torch.Tensor] = {}
         for s in specs.values():
             if s.source_layer == s.layer_idx:
-                self.k[s.layer_idx] = torch.zeros(n, s.num_kv_heads, s.head_dim, dtype=dtype, device=device)
-                self.v[s.layer_idx] = torch.zeros(n, s.num_kv_heads, s.head_dim, dtype=dtype, device=device)
+                self.k[s.layer_idx] = torch.zeros(s.num_kv_heads, n, s.head_dim, dtype=dtype, device=device)
+                self.v[s.layer_idx] = torch.zeros(s.num_kv_heads, n, s.head_dim, dtype=dtype, device=device)
 
     @staticmethod
     def bytes_per_token(specs: dict[int, LayerCacheSpec], dtype: torch.dtype) -> int:
