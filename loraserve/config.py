@@ -16,6 +16,7 @@ class EngineConfig:
     num_kv_blocks: int | None = None        # None: sized from kv_cache_memory_gb
     kv_cache_memory_gb: float = 2.0
     seed: int = 0
+    prepack_weights: bool = True            # CPU bf16: oneDNN-packed weight copies (model/cpu_gemm.py)
     trust_remote_code: bool = False
     lora: "LoRAConfig" = field(default_factory=lambda: LoRAConfig())
 

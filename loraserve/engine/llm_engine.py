@@ -22,6 +22,7 @@ from loraserve.engine.sequence import Sequence
 from loraserve.lora.adapter import AdapterError
 from loraserve.lora.manager import AdapterConflict, LoadReport, LoRAManager
 from loraserve.model.attention import ATTN_NAME
+from loraserve.model.cpu_gemm import prepack_linears
 from loraserve.model.loader import load_model
 from loraserve.model.sampler import Sampler
 
@@ -69,6 +70,8 @@ class LLMEngine:
         self.max_model_len = self._max_model_len(config)
         self.eos_ids = eos_token_ids(model, tokenizer)
 
+        if config.prepack_weights:
+            log.info("prepacked %d linear weights for oneDNN", prepack_linears(self.model))
         specs = cache_specs(model)   # before LoRA wrapping swaps the projections
         num_blocks = config.num_kv_blocks or int(
             config.kv_cache_memory_gb * 2**30 // (KVCache.bytes_per_token(specs, self.dtype) * config.block_size))

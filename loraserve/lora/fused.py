@@ -4,9 +4,10 @@ On a CPU at decode batch sizes a small GEMM costs ~15-25 us of fixed overhead wh
 the number of GEMMs, not their FLOPs, sets the price of LoRA (measured on 2 cores, SmolLM2, batch 16:
 14 extra GEMMs per layer made a mixed-adapter step ~1.5x a base step). A group stacks its members'
 base weights and every slot's LoRA A into one matrix, so one GEMM gives the base outputs and all
-down-projections; one more GEMM with a block-diagonal stack of the members' (scaling * B)^T adds every
+down-projections; one more GEMM with a block-diagonal stack of the members' scaling * B adds every
 row's own delta. Per layer that is 4 + 4 GEMMs instead of 7 + 14 (o_proj and down_proj are groups of
-one: their A still rides on their base GEMM).
+one: their A still rides on their base GEMM). On CPU bf16 both stacks are prepacked for oneDNN
+(model/cpu_gemm.py), and repacked when an adapter is placed in or evicted from a slot.
 
 Each output column of a GEMM is its own dot product, so the base columns come out bit-identical to
 the members' separate GEMMs (the isolation tests check it); base rows get a zero mask and so + 0.
@@ -14,10 +15,10 @@ Groups fall back to the members' own forward when any member carries more than p
 slot (DoRA, bias changes, full copies, trainable tokens)."""
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from loraserve.lora.layers import MultiLoRALinear
+from loraserve.model.cpu_gemm import PackedLinear, PackedWeight
 
 # Singletons too: stacking a projection's own A under its base weight saves one GEMM per layer.
 GROUPS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"), ("o_proj",), ("down_proj",))
@@ -30,7 +31,9 @@ class ProjectionGroup:
         self.synced: tuple[int, ...] | None = None        # members' slot versions when last synced
         self.w_cat: torch.Tensor | None = None            # [O + G*L*r, in]: base weights, then each A
         self.b_cat: torch.Tensor | None = None
-        self.bt_bd: torch.Tensor | None = None            # [G*L*r, O] block-diagonal (scaling * B)^T
+        self.b_bd: torch.Tensor | None = None             # [O, G*L*r] block-diagonal scaling * B
+        self.packed_w = PackedWeight()                    # oneDNN copies (CPU bf16), see cpu_gemm.py
+        self.packed_b = PackedWeight()
         self.rank = 0
         self._x: torch.Tensor | None = None               # the input whose outputs wait in _pending
         self._pending: dict[int, torch.Tensor] = {}
@@ -58,18 +61,20 @@ class ProjectionGroup:
             start = 0
             for m, o in zip(self.members, self.outs):
                 m.base_layer.weight = nn.Parameter(self.w_cat[start:start + o], requires_grad=False)
+                if isinstance(m.base_layer, PackedLinear):   # drop the packed copy of the old weight
+                    m.base_layer.packed_weight = PackedWeight()
                 start += o
             if any(m.base_layer.bias is not None for m in self.members):
                 biases = [m.base_layer.bias if m.base_layer.bias is not None else base[0].new_zeros(o)
                           for m, o in zip(self.members, self.outs)]
                 self.b_cat = torch.cat([b.detach() for b in biases] + [base[0].new_zeros(len(self.members) * L * rank)])
-            self.bt_bd = base[0].new_zeros(len(self.members) * L * rank, out)
+            self.b_bd = base[0].new_zeros(out, len(self.members) * L * rank)
             self.rank = rank
         col = 0
         for g, (m, o) in enumerate(zip(self.members, self.outs)):
             rows = slice(out + g * L * rank, out + (g + 1) * L * rank)
             self.w_cat[rows] = m.lora_a.reshape(L * rank, in_dim)
-            self.bt_bd[g * L * rank:(g + 1) * L * rank, col:col + o] = m.lora_bt.reshape(L * rank, o)
+            self.b_bd[col:col + o, g * L * rank:(g + 1) * L * rank] = m.lora_bt.reshape(L * rank, o).t()
             col += o
         self.synced = versions
 
@@ -89,7 +94,7 @@ class ProjectionGroup:
             self._sync()
         first = self.members[0]
         x2 = x.reshape(-1, first.in_features)
-        y = F.linear(x2, self.w_cat, self.b_cat)
+        y = self.packed_w.linear(x2, self.w_cat, self.b_cat)
         out_dim = sum(self.outs)
         used = [m for m in self.members if m.slots_used]
         rows = used[0]._slot_rows(x2.shape[0]) if used else None
@@ -98,7 +103,8 @@ class ProjectionGroup:
         else:
             G, L, r = len(self.members), first.max_loras, self.rank
             h = y[:, out_dim:].view(-1, G, L, r) * rows.mask(L, y.dtype)[:, None, :, None]
-            outs = torch.addmm(y[:, :out_dim], h.reshape(-1, G * L * r), self.bt_bd)
+            # Base rows have an all-zero h, so their delta is exactly 0 and they stay bit-identical.
+            outs = y[:, :out_dim] + self.packed_b.linear(h.reshape(-1, G * L * r), self.b_bd)
         shape = x.shape[:-1]
         return [o.contiguous().view(*shape, -1) for o in outs.split(self.outs, dim=1)]
 
