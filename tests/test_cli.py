@@ -3,13 +3,14 @@ LoRA flags are refused with a message, and `serve` really starts a server."""
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 
 import httpx
 import pytest
 
-from loraserve.cli import build_parser, engine_config, main
+from loraserve.cli import build_parser, engine_config, main, serving_threads
 from loraserve.config import EngineConfig, LoRAConfig
 from server_fixtures import Launch, build_tiny_llama
 
@@ -41,6 +42,21 @@ def test_vllm_flags_map_onto_engine_config():
         num_kv_blocks=100, trust_remote_code=True,
         lora=LoRAConfig(enable_lora=True, lora_modules={"a": "/ad/a", "b": "/ad/b"}, max_lora_rank=64,
                         max_loras=4, max_cpu_loras=16))
+
+
+def test_no_prepack_weights_maps_onto_engine_config():
+    assert serve_config("m", "--no-prepack-weights") == EngineConfig(model="m", prepack_weights=False)
+
+
+def test_serving_threads_leave_a_core_for_the_http_side(monkeypatch):
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1, 2, 3})
+    assert serving_threads(None) == 3
+    assert serving_threads(2) == 2                      # --num-threads wins
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0})
+    assert serving_threads(None) == 1                   # never zero
+    monkeypatch.setenv("OMP_NUM_THREADS", "4")
+    assert serving_threads(None) is None                # the user's OMP_NUM_THREADS stands
 
 
 def test_help_documents_every_flag(capsys):

@@ -76,6 +76,7 @@ class ModelRunner:
         dev, n = self.device, end - start
         return AttentionGroup(
             rows=torch.arange(offset, offset + n, device=dev)[None],
+            span=slice(offset, offset + n),
             q_pos=torch.arange(start, end, device=dev)[None],
             kv_blocks=torch.from_numpy(blocks).to(dev)[None],
             kv_pos=torch.from_numpy(self._key_positions(len(blocks), end)).to(dev)[None],
@@ -91,6 +92,7 @@ class ModelRunner:
             kv_pos[i] = self._key_positions(width, end)
         return AttentionGroup(
             rows=torch.tensor(rows, device=dev)[:, None],
+            span=slice(rows[0], rows[0] + b) if rows == list(range(rows[0], rows[0] + b)) else None,
             q_pos=torch.tensor([e - 1 for e in ends], device=dev)[:, None],
             kv_blocks=torch.from_numpy(kv_blocks).to(dev),
             kv_pos=torch.from_numpy(kv_pos).to(dev),

@@ -1,13 +1,14 @@
 """Projection groups: q/k/v (and gate/up) read the same input, so run them as one GEMM.
 
 On a CPU at decode batch sizes a small GEMM costs ~15-25 us of fixed overhead whatever its size, so
-the number of GEMMs, not their FLOPs, sets the price of LoRA (measured on 2 cores, SmolLM2, batch 16:
-14 extra GEMMs per layer made a mixed-adapter step ~1.5x a base step). A group stacks its members'
-base weights and every slot's LoRA A into one matrix, so one GEMM gives the base outputs and all
-down-projections; one more GEMM with a block-diagonal stack of the members' scaling * B adds every
-row's own delta. Per layer that is 4 + 4 GEMMs instead of 7 + 14 (o_proj and down_proj are groups of
-one: their A still rides on their base GEMM). On CPU bf16 both stacks are prepacked for oneDNN
-(model/cpu_gemm.py), and repacked when an adapter is placed in or evicted from a slot.
+the number of GEMMs, not their FLOPs, sets much of the price of LoRA (measured on 2 cores, SmolLM2,
+batch 16: 14 extra GEMMs per layer made a mixed-adapter step ~1.5x a base step). A group stacks its
+members' base weights and every slot's LoRA A into one matrix, so one GEMM gives the base outputs and
+all down-projections; then one GEMM per member, with its stack of every slot's scaling * B, adds each
+row's own delta. Per layer that is 4 + 7 GEMMs instead of 7 + 14 (o_proj and down_proj are groups of
+one: their A still rides on their base GEMM). A single block-diagonal B per group would save calls but
+read its zero blocks too: for gate/up the split was ~30% faster on 2 cores. On CPU bf16 the stacks are
+prepacked for oneDNN (model/cpu_gemm.py), and repacked when an adapter enters or leaves a slot.
 
 Each output column of a GEMM is its own dot product, so the base columns come out bit-identical to
 the members' separate GEMMs (the isolation tests check it); base rows get a zero mask and so + 0.
@@ -31,9 +32,9 @@ class ProjectionGroup:
         self.synced: tuple[int, ...] | None = None        # members' slot versions when last synced
         self.w_cat: torch.Tensor | None = None            # [O + G*L*r, in]: base weights, then each A
         self.b_cat: torch.Tensor | None = None
-        self.b_bd: torch.Tensor | None = None             # [O, G*L*r] block-diagonal scaling * B
+        self.b_members: list[torch.Tensor] = []           # per member [O_g, L*r]: every slot's scaling * B
         self.packed_w = PackedWeight()                    # oneDNN copies (CPU bf16), see cpu_gemm.py
-        self.packed_b = PackedWeight()
+        self.packed_b = [PackedWeight() for _ in members]
         self.rank = 0
         self._x: torch.Tensor | None = None               # the input whose outputs wait in _pending
         self._pending: dict[int, torch.Tensor] = {}
@@ -68,14 +69,12 @@ class ProjectionGroup:
                 biases = [m.base_layer.bias if m.base_layer.bias is not None else base[0].new_zeros(o)
                           for m, o in zip(self.members, self.outs)]
                 self.b_cat = torch.cat([b.detach() for b in biases] + [base[0].new_zeros(len(self.members) * L * rank)])
-            self.b_bd = base[0].new_zeros(out, len(self.members) * L * rank)
+            self.b_members = [base[0].new_zeros(o, L * rank) for o in self.outs]
             self.rank = rank
-        col = 0
         for g, (m, o) in enumerate(zip(self.members, self.outs)):
             rows = slice(out + g * L * rank, out + (g + 1) * L * rank)
             self.w_cat[rows] = m.lora_a.reshape(L * rank, in_dim)
-            self.b_bd[col:col + o, g * L * rank:(g + 1) * L * rank] = m.lora_bt.reshape(L * rank, o).t()
-            col += o
+            self.b_members[g].copy_(m.lora_bt.reshape(L * rank, o).t())
         self.synced = versions
 
     def forward(self, member: MultiLoRALinear, x: torch.Tensor) -> torch.Tensor:
@@ -98,15 +97,17 @@ class ProjectionGroup:
         out_dim = sum(self.outs)
         used = [m for m in self.members if m.slots_used]
         rows = used[0]._slot_rows(x2.shape[0]) if used else None
-        if rows is None or self.rank == 0:
-            outs = y[:, :out_dim]
-        else:
-            G, L, r = len(self.members), first.max_loras, self.rank
-            h = y[:, out_dim:].view(-1, G, L, r) * rows.mask(L, y.dtype)[:, None, :, None]
-            # Base rows have an all-zero h, so their delta is exactly 0 and they stay bit-identical.
-            outs = y[:, :out_dim] + self.packed_b.linear(h.reshape(-1, G * L * r), self.b_bd)
         shape = x.shape[:-1]
-        return [o.contiguous().view(*shape, -1) for o in outs.split(self.outs, dim=1)]
+        if rows is None or self.rank == 0:
+            return [o.contiguous().view(*shape, -1) for o in y[:, :out_dim].split(self.outs, dim=1)]
+        G, L, r = len(self.members), first.max_loras, self.rank
+        h = (y[:, out_dim:].view(-1, G, L, r) * rows.mask(L, y.dtype)[:, None, :, None]).view(-1, G, L * r)
+        outs, col = [], 0
+        for g, o in enumerate(self.outs):
+            # Base rows have an all-zero h, so their delta is exactly 0 and they stay bit-identical.
+            outs.append(y[:, col:col + o] + self.packed_b[g].linear(h[:, g], self.b_members[g]))
+            col += o
+        return [o.view(*shape, -1) for o in outs]
 
 
 def link_projection_groups(model: nn.Module) -> list[ProjectionGroup]:

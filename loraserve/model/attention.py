@@ -26,6 +26,7 @@ class AttentionGroup:
     q_pos: torch.Tensor       # [B, q_len] position of each query token
     kv_blocks: torch.Tensor   # [B, nb] KV blocks of each sequence's context (padding: block 0)
     kv_pos: torch.Tensor      # [B, nb * block_size] position of each key; padding has a huge position
+    span: slice | None = None  # the same rows as a slice, when they are consecutive (always, as scheduled)
     masks: dict = field(default_factory=dict)   # sliding window -> [B, 1, q_len, kv_len] bool
 
     def blocked(self, window: int | None) -> torch.Tensor:
@@ -86,13 +87,19 @@ def paged_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Ten
     hkv = k_cache.shape[0]
     q = query[0].view(hkv, h // hkv, t, d)                              # [Hkv, G, T, D]
     bs = md.kv_cache.block_size
-    out = query.new_empty(t, h, d)
+    out = None
     for g in md.groups:
         b, n = g.rows.shape
-        qg = q[:, :, g.rows].transpose(1, 2).reshape(hkv, b, -1, d)     # [Hkv, B, G * q_len, D]
+        rows = g.rows if g.span is None else g.span                     # a slice reads a view, not a gather
+        qg = q[:, :, rows].reshape(hkv, h // hkv, b, n, d).transpose(1, 2).reshape(hkv, b, -1, d)
         kg, vg = _gather(k_cache, g.kv_blocks, bs), _gather(v_cache, g.kv_blocks, bs)
-        o = _attend(qg, kg, vg, g.blocked(sliding_window), scaling, softcap)
-        out[g.rows] = o.view(hkv, b, h // hkv, n, d).permute(1, 3, 0, 2, 4).reshape(b, n, h, d)
+        o = _attend(qg, kg, vg, g.blocked(sliding_window), scaling, softcap)   # [Hkv, B, G * q_len, D]
+        o = o.view(hkv, b, h // hkv, n, d).permute(1, 3, 0, 2, 4).reshape(b * n, h, d)
+        if g.span == slice(0, t):       # one group holds the whole batch (a pure decode step)
+            return o.unsqueeze(0), None
+        if out is None:
+            out = query.new_empty(t, h, d)
+        out[rows] = o.view(b, n, h, d) if g.span is None else o
     return out.unsqueeze(0), None                                       # [1, T, H, D] like sdpa
 
 
