@@ -15,6 +15,12 @@ class Sampler:
         self.generator = torch.Generator().manual_seed(seed)   # for unseeded requests
 
     def __call__(self, logits: torch.Tensor, seqs: list[Sequence]) -> tuple[list[int], list[TokenLogprob | None]]:
+        if all(s.params.greedy and s.params.logprobs is None and not s.params.presence_penalty
+               and not s.params.frequency_penalty for s in seqs):
+            # Plain greedy reads the model's own dtype: bf16 -> float32 is exact and max() returns the
+            # first maximal index, as argmax does, so the tokens are the same without a float copy of
+            # [S, vocab] (~1 ms a step). max(), not argmax(): bf16 argmax is not vectorized (5x slower).
+            return logits.max(dim=-1).indices.tolist(), [None] * len(seqs)
         logits = logits.float()
         raw = logits
         logits = self._apply_penalties(logits, seqs)
