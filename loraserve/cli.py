@@ -183,11 +183,8 @@ def serve(args: argparse.Namespace) -> None:
 
     log = logging.getLogger(__name__)
     config = engine_config(args)
-    threads = serving_threads(args.num_threads)
-    if threads is not None:
-        import torch
-        torch.set_num_threads(threads)
-        log.info("engine threads: %d of %d cores", threads, len(os.sched_getaffinity(0)))
+    # Start-up (model load, KV cache, weight packing) still uses every core; the loop then runs on these.
+    config.num_threads = serving_threads(args.num_threads)
     try:
         for note in compat.check_vllm_flags(args):
             log.info(note)

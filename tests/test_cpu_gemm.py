@@ -48,6 +48,18 @@ def test_packed_copy_follows_its_source():
     assert torch.equal(pw.linear(x.float(), w.float()), F.linear(x.float(), w.float()))  # float32: plain
 
 
+def test_a_settling_weight_packs_only_after_it_stopped_changing():
+    g = torch.Generator().manual_seed(1)
+    w = torch.randn(32, 16, generator=g).to(BF16)
+    x = torch.randn(4, 16, generator=g).to(BF16)
+    pw = PackedWeight(settle_calls=2)
+    for _ in range(2):
+        assert torch.equal(pw.linear(x, w), F.linear(x, w)) and pw.packed is None
+    assert torch.equal(pw.linear(x, w), F.linear(x, w)) and pw.packed is not None
+    w.add_(1)                                   # a slot change: plain again, then packed again
+    assert torch.equal(pw.linear(x, w), F.linear(x, w)) and pw.packed is None
+
+
 def test_prepack_keeps_names_state_and_only_touches_bf16_cpu_linears():
     model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2)).to(BF16)
     state = {k: v.clone() for k, v in model.state_dict().items()}

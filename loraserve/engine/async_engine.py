@@ -8,12 +8,14 @@ placed or freed in the middle of a forward pass."""
 import asyncio
 import gc
 import logging
+import os
 import queue
 import threading
 import uuid
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
+import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from loraserve.config import EngineConfig
@@ -173,6 +175,10 @@ class AsyncEngine:
             return False
 
     def _run(self) -> None:
+        threads = self.engine.config.num_threads
+        if threads is not None:
+            torch.set_num_threads(threads)
+            log.info("engine loop threads: %d of %d cores", threads, len(os.sched_getaffinity(0)))
         while not self._stopping:
             self._drain_inbox()
             if not self.engine.has_unfinished():

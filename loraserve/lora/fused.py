@@ -8,7 +8,8 @@ all down-projections; then one GEMM per member, with its stack of every slot's s
 row's own delta. Per layer that is 4 + 7 GEMMs instead of 7 + 14 (o_proj and down_proj are groups of
 one: their A still rides on their base GEMM). A single block-diagonal B per group would save calls but
 read its zero blocks too: for gate/up the split was ~30% faster on 2 cores. On CPU bf16 the stacks are
-prepacked for oneDNN (model/cpu_gemm.py), and repacked when an adapter enters or leaves a slot.
+prepacked for oneDNN (model/cpu_gemm.py); after an adapter enters or leaves a slot they run unpacked
+for a few steps and are repacked once the slots have settled.
 
 Each output column of a GEMM is its own dot product, so the base columns come out bit-identical to
 the members' separate GEMMs (the isolation tests check it); base rows get a zero mask and so + 0.
@@ -23,6 +24,7 @@ from loraserve.model.cpu_gemm import PackedLinear, PackedWeight
 
 # Singletons too: stacking a projection's own A under its base weight saves one GEMM per layer.
 GROUPS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"), ("o_proj",), ("down_proj",))
+SETTLE_CALLS = 8    # forwards on the plain stacks after a slot change before they are packed again
 
 
 class ProjectionGroup:
@@ -33,8 +35,9 @@ class ProjectionGroup:
         self.w_cat: torch.Tensor | None = None            # [O + G*L*r, in]: base weights, then each A
         self.b_cat: torch.Tensor | None = None
         self.b_members: list[torch.Tensor] = []           # per member [O_g, L*r]: every slot's scaling * B
-        self.packed_w = PackedWeight()                    # oneDNN copies (CPU bf16), see cpu_gemm.py
-        self.packed_b = [PackedWeight() for _ in members]
+        # oneDNN copies (CPU bf16, see cpu_gemm.py), packed once the slots have been stable for a while.
+        self.packed_w = PackedWeight(SETTLE_CALLS)
+        self.packed_b = [PackedWeight(SETTLE_CALLS) for _ in members]
         self.rank = 0
         self._x: torch.Tensor | None = None               # the input whose outputs wait in _pending
         self._pending: dict[int, torch.Tensor] = {}
