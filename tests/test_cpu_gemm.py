@@ -27,6 +27,18 @@ def test_packed_linear_equals_f_linear_bit_for_bit(rows, in_f, out_f, bias):
     assert torch.equal(PackedWeight().linear(x, w, b), F.linear(x, w, b))
 
 
+@pytest.mark.parametrize("rows", [1, 16, 40])
+def test_packed_add_linear_equals_addmm_bit_for_bit(rows):
+    g = torch.Generator().manual_seed(rows)
+    w = torch.randn(96, 32, generator=g).to(BF16)
+    x = torch.randn(rows, 32, generator=g).to(BF16)
+    x[0] = 0                                            # a base row: y must come back exactly
+    y = torch.randn(rows, 200, generator=g).to(BF16)[:, 50:146]     # a strided view, as in the groups
+    out = PackedWeight().add_linear(y, x, w)
+    assert torch.equal(out, torch.addmm(y, x, w.t()))
+    assert torch.equal(out[0], y[0])
+
+
 def test_stacked_weight_columns_equal_separate_weights():
     """LoRA's projection groups stack q/k/v and the adapters' A: the base columns must not move."""
     g = torch.Generator().manual_seed(0)

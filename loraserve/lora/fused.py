@@ -108,7 +108,7 @@ class ProjectionGroup:
         outs, col = [], 0
         for g, o in enumerate(self.outs):
             # Base rows have an all-zero h, so their delta is exactly 0 and they stay bit-identical.
-            outs.append(y[:, col:col + o] + self.packed_b[g].linear(h[:, g], self.b_members[g]))
+            outs.append(self.packed_b[g].add_linear(y[:, col:col + o], h[:, g], self.b_members[g]))
             col += o
         return [o.view(*shape, -1) for o in outs]
 

@@ -62,6 +62,14 @@ class PackedWeight:
             return F.linear(x, weight, bias)
         return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
 
+    def add_linear(self, y: torch.Tensor, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        """`torch.addmm(y, x, weight.t())`, bit for bit: y plus x's product, added inside the GEMM in
+        float32 and rounded once (where y is all a row gets, x's row is zero and y comes back exact)."""
+        packed = self.get(weight) if x.dtype == weight.dtype and supported(weight) else None
+        if packed is None:
+            return torch.addmm(y, x, weight.t())
+        return torch.ops.mkldnn._linear_pointwise.binary(x, y, packed, None, "add")
+
 
 class PackedLinear(nn.Linear):
     """An nn.Linear that multiplies with its packed weight. `prepack_linears` switches a loaded model's
