@@ -95,12 +95,14 @@ def test_bad_lora_flags_are_refused_with_a_message(capsys, argv, message):
 def test_serve_starts_a_server(tmp_path_factory):
     model_dir = build_tiny_llama(tmp_path_factory.getbasetemp() / "tiny-llama")
     with Launch("loraserve.cli", "serve", str(model_dir), "--served-model-name", "cli-tiny", "--dtype", "float32",
-                "--device", "cpu", "--max-model-len", "128", "--num-kv-blocks", "32", "--api-key", "k") as server:
+                "--device", "cpu", "--max-model-len", "128", "--num-kv-blocks", "32", "--api-key", "k",
+                "--num-threads", "1") as server:
         models = httpx.get(server.url + "/v1/models", headers={"Authorization": "Bearer k"}).json()
         assert [(m["id"], m["max_model_len"]) for m in models["data"]] == [("cli-tiny", 128)]
         res = httpx.post(server.url + "/v1/completions", headers={"Authorization": "Bearer k"},
                          json={"model": "cli-tiny", "prompt": "hi", "max_tokens": 3, "ignore_eos": True})
         assert res.json()["usage"]["completion_tokens"] == 3
+        assert "engine loop threads: 1 of" in server.output()
 
 
 def test_serve_refuses_a_missing_model_path_cleanly(tmp_path):
