@@ -84,12 +84,8 @@ def base_logits(base: torch.nn.Module, ids: torch.Tensor) -> torch.Tensor:
         return base(input_ids=ids).logits
 
 
-def mixed_logits(model: torch.nn.Module, ids: torch.Tensor, row_slots: list[int], prompt: bool = False) -> torch.Tensor:
-    """One packed forward where row i of `ids` [B, L] uses slot row_slots[i] (-1: base). `prompt`: the
-    adapters' rows are prompt tokens (each row a run with its own A and B), not generated ones."""
-    n = ids.shape[1]
-    token_slots = torch.tensor(row_slots).repeat_interleave(n)
-    runs = tuple((i * n, (i + 1) * n, s) for i, s in enumerate(row_slots) if s >= 0) if prompt else ()
-    lora = LoRABatch.from_token_slots(token_slots, runs)
-    with torch.no_grad(), forward_context(ForwardContext(lora=lora)):
+def mixed_logits(model: torch.nn.Module, ids: torch.Tensor, row_slots: list[int]) -> torch.Tensor:
+    """One packed forward where row i of `ids` [B, L] uses slot row_slots[i] (-1: base)."""
+    token_slots = torch.tensor(row_slots).repeat_interleave(ids.shape[1])
+    with torch.no_grad(), forward_context(ForwardContext(lora=LoRABatch.from_token_slots(token_slots))):
         return model(input_ids=ids).logits

@@ -13,15 +13,11 @@ class LoRABatch:
     """Which LoRA slot each token of the packed batch uses. Slot -1 is the base model."""
     token_slots: torch.Tensor               # [T] int64, -1 = base
     any_lora: bool
-    # (first row, end row, slot) of each run of prompt tokens of an adapter's sequence: the projection
-    # groups give these rows their own adapter's A and B only (generated tokens take every slot's).
-    prompt_runs: tuple[tuple[int, int, int], ...] = ()
     cache: dict = field(default_factory=dict, repr=False)   # per-step tensors the LoRA layers share
 
     @classmethod
-    def from_token_slots(cls, token_slots: torch.Tensor,
-                         prompt_runs: tuple[tuple[int, int, int], ...] = ()) -> "LoRABatch":
-        return cls(token_slots, bool((token_slots >= 0).any()), prompt_runs)
+    def from_token_slots(cls, token_slots: torch.Tensor) -> "LoRABatch":
+        return cls(token_slots, bool((token_slots >= 0).any()))
 
 
 @dataclass

@@ -29,7 +29,7 @@ class ModelRunner:
         return np.asarray(seq.block_table[:-(-end // self.block_size)], dtype=np.int64)
 
     def prepare(self, batch: ScheduledBatch) -> tuple[dict, ForwardContext, list[Sequence]]:
-        ids, pos, slot_mapping, token_slots, keep, prompt_runs = [], [], [], [], [], []
+        ids, pos, slot_mapping, token_slots, keep = [], [], [], [], []
         decode_rows, decode_blocks, decode_ends = [], [], []
         groups: list[AttentionGroup] = []
         offset = 0
@@ -42,9 +42,6 @@ class ModelRunner:
             pos.append(positions)
             slot_mapping.append(blocks[positions // self.block_size] * self.block_size + positions % self.block_size)
             token_slots.append(np.full(n, seq.lora_slot))
-            prompt_end = min(end, seq.num_prompt_tokens)
-            if seq.lora_slot >= 0 and start < prompt_end:
-                prompt_runs.append((offset, offset + prompt_end - start, seq.lora_slot))
             if end == len(seq):                   # the last prompt chunk or a decode: sample a token
                 keep.append(offset + n - 1)
                 sampling.append(seq)
@@ -65,7 +62,7 @@ class ModelRunner:
         }
         md = AttentionMetadata(self.kv_cache, torch.from_numpy(np.concatenate(slot_mapping)).to(dev), groups)
         slots = torch.from_numpy(np.concatenate(token_slots)).to(dev)
-        lora = LoRABatch.from_token_slots(slots, tuple(prompt_runs))
+        lora = LoRABatch.from_token_slots(slots)
         return inputs, ForwardContext(attn=md, lora=lora if lora.any_lora else None), sampling
 
     def _key_positions(self, num_blocks: int, end: int) -> np.ndarray:

@@ -17,10 +17,9 @@ Groups fall back to the members' own forward when any member carries more than p
 slot (DoRA, bias changes, full copies, trainable tokens)."""
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from loraserve.lora.layers import MultiLoRALinear, PromptSplit
+from loraserve.lora.layers import MultiLoRALinear
 from loraserve.model.cpu_gemm import PackedLinear, PackedWeight
 
 # Singletons too: stacking a projection's own A under its base weight saves one GEMM per layer.
@@ -97,51 +96,21 @@ class ProjectionGroup:
             self._sync()
         first = self.members[0]
         x2 = x.reshape(-1, first.in_features)
-        shape = x.shape[:-1]
+        y = self.packed_w.linear(x2, self.w_cat, self.b_cat)
+        out_dim = sum(self.outs)
         used = [m for m in self.members if m.slots_used]
         rows = used[0]._slot_rows(x2.shape[0]) if used else None
+        shape = x.shape[:-1]
         if rows is None or self.rank == 0:
-            y = self.packed_w.linear(x2, self.w_cat, self.b_cat)
-            return [o.contiguous().view(*shape, -1) for o in y[:, :sum(self.outs)].split(self.outs, dim=1)]
-        mask = rows.mask(first.max_loras, x2.dtype)
-        split = rows.split
-        if split is None:
-            return [o.view(*shape, -1) for o in self._every_slot(x2, mask)]
-        rest = self._every_slot(split.rest(x2), split.rest(mask)) if split.num_rest else [None] * len(self.outs)
-        prompt = self._own_slot(split.prompt(x2), split)
-        return [split.join(r, p).view(*shape, -1) for r, p in zip(rest, prompt)]
-
-    def _every_slot(self, x2: torch.Tensor, mask: torch.Tensor) -> list[torch.Tensor]:
-        """Decode rows: the A of every slot rides on the base GEMM; the row's slot mask keeps its own."""
-        G, L, r, out_dim = len(self.members), self.members[0].max_loras, self.rank, sum(self.outs)
-        y = self.packed_w.linear(x2, self.w_cat, self.b_cat)
-        h = (y[:, out_dim:].view(-1, G, L, r) * mask[:, None, :, None]).view(-1, G, L * r)
+            return [o.contiguous().view(*shape, -1) for o in y[:, :out_dim].split(self.outs, dim=1)]
+        G, L, r = len(self.members), first.max_loras, self.rank
+        h = (y[:, out_dim:].view(-1, G, L, r) * rows.mask(L, y.dtype)[:, None, :, None]).view(-1, G, L * r)
         outs, col = [], 0
         for g, o in enumerate(self.outs):
             # Base rows have an all-zero h, so their delta is exactly 0 and they stay bit-identical.
             outs.append(self.packed_b[g].add_linear(y[:, col:col + o], h[:, g], self.b_members[g]))
             col += o
-        return outs
-
-    def _own_slot(self, xp: torch.Tensor, split: PromptSplit) -> list[torch.Tensor]:
-        """Prompt rows, a run per sequence: the base GEMM without the A rows, then every run's own A and
-        B as batched matmuls over the runs (8 slots' A and B over every prompt token made prefill ~1.4x
-        the base's). The plain weight view: at prefill sizes packing buys little, and a packed copy of it
-        would be a third one in memory."""
-        G, L, r, out_dim = len(self.members), self.members[0].max_loras, self.rank, sum(self.outs)
-        bias = None if self.b_cat is None else self.b_cat[:out_dim]
-        y = F.linear(xp, self.w_cat[:out_dim], bias)
-        a = self.w_cat[out_dim:].view(G, L, r, -1).transpose(0, 1).index_select(0, split.slot_ids)
-        h = torch.bmm(split.padded(xp), a.reshape(len(split.runs), G * r, -1).transpose(1, 2))  # [S, n, G*r]
-        outs, col, S = [], 0, len(split.runs)
-        for g, (m, o) in enumerate(zip(self.members, self.outs)):
-            hg, bt = h[:, :, g * r:(g + 1) * r], m.lora_bt.index_select(0, split.slot_ids)
-            if split.equal_runs:    # base output plus delta in one op, straight into a contiguous result
-                outs.append(torch.baddbmm(y[:, col:col + o].view(S, split.longest, o), hg, bt).view(-1, o))
-            else:
-                outs.append(y[:, col:col + o] + split.unpadded(torch.bmm(hg, bt)))
-            col += o
-        return outs
+        return [o.view(*shape, -1) for o in outs]
 
 
 def link_projection_groups(model: nn.Module) -> list[ProjectionGroup]:

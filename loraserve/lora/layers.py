@@ -23,72 +23,14 @@ from loraserve.engine.context import get_context
 from loraserve.lora.adapter import ModuleDelta
 
 
-class PromptSplit:
-    """The batch's rows in two sets: prompt tokens of adapter sequences, whose runs each get only their
-    own adapter's A and B, and the rest (generated tokens and base rows), which take every slot's under
-    the slot mask. Which set a row is in depends on its own token alone, never on its neighbours, so a
-    row's value does not depend on what shares its batch."""
-
-    def __init__(self, num_rows: int, runs: tuple[tuple[int, int, int], ...], device: torch.device) -> None:
-        in_prompt = torch.zeros(num_rows, dtype=torch.bool)
-        self.runs, n = [], 0                      # the runs renumbered within the prompt rows
-        for start, end, slot in runs:
-            in_prompt[start:end] = True
-            self.runs.append((n, n + end - start, slot))
-            n += end - start
-        self.num_rows, self.num_rest = num_rows, num_rows - n
-        # The usual layout (decodes first, then prompt chunks) is two slices: no gather, no scatter.
-        self.tail = bool(in_prompt[self.num_rest:].all())
-        self.prompt_idx = in_prompt.nonzero().squeeze(1).to(device)
-        self.rest_idx = (~in_prompt).nonzero().squeeze(1).to(device)
-        # The runs as one padded batch [S, longest] for batched matmuls: where each padded position reads
-        # from (the prompt rows, then one zero row past them), and which positions are real rows, in order.
-        lengths = [end - start for start, end, _ in self.runs]
-        self.longest = max(lengths)
-        self.slot_ids = torch.tensor([slot for _, _, slot in self.runs], device=device)
-        self.equal_runs = len(set(lengths)) == 1       # then the prompt rows are the batch as they stand
-        pad = torch.full((len(lengths), self.longest), n, dtype=torch.long)
-        for j, (start, end, _) in enumerate(self.runs):
-            pad[j, :end - start] = torch.arange(start, end)
-        self.pad_index = pad.view(-1).to(device)
-        self.real_positions = (pad.view(-1) < n).nonzero().squeeze(1).to(device)
-
-    def padded(self, xp: torch.Tensor) -> torch.Tensor:
-        """The prompt rows [n, d] as [S, longest, d], one run per batch entry, zero-padded."""
-        if self.equal_runs:
-            return xp.view(len(self.runs), self.longest, -1)
-        return torch.cat([xp, xp.new_zeros(1, xp.shape[1])]).index_select(0, self.pad_index).view(
-            len(self.runs), self.longest, -1)
-
-    def unpadded(self, t: torch.Tensor) -> torch.Tensor:
-        """[S, longest, d] back to the prompt rows [n, d]."""
-        flat = t.reshape(-1, t.shape[-1])
-        return flat if self.equal_runs else flat.index_select(0, self.real_positions)
-
-    def rest(self, t: torch.Tensor) -> torch.Tensor:
-        return t[:self.num_rest] if self.tail else t.index_select(0, self.rest_idx)
-
-    def prompt(self, t: torch.Tensor) -> torch.Tensor:
-        return t[self.num_rest:] if self.tail else t.index_select(0, self.prompt_idx)
-
-    def join(self, rest: torch.Tensor | None, prompt: torch.Tensor) -> torch.Tensor:
-        if rest is None:
-            return prompt.contiguous()
-        if self.tail:
-            return torch.cat([rest, prompt])
-        out = prompt.new_empty(self.num_rows, prompt.shape[1])
-        return out.index_copy_(0, self.rest_idx, rest).index_copy_(0, self.prompt_idx, prompt)
-
-
 class SlotRows:
     """Per-token slot tensors derived once per step (and per token subset) and shared by all layers."""
 
-    def __init__(self, token_slots: torch.Tensor, prompt_runs: tuple[tuple[int, int, int], ...] = ()) -> None:
+    def __init__(self, token_slots: torch.Tensor) -> None:
         self.token_slots = token_slots
         self.on = token_slots >= 0
         self.slots = token_slots.clamp(min=0)
         self._masks: dict[tuple[int, torch.dtype], torch.Tensor] = {}
-        self.split = PromptSplit(token_slots.numel(), prompt_runs, token_slots.device) if prompt_runs else None
 
     def mask(self, num_slots: int, dtype: torch.dtype) -> torch.Tensor:
         """[T, num_slots] one-hot of each row's slot; all zero for base rows."""
@@ -183,10 +125,8 @@ class _MultiLoRA(nn.Module):
         key = None if self.token_index is None else id(self.token_index)
         rows = lora.cache.get(key)
         if rows is None:
-            if self.token_index is None:
-                rows = lora.cache[key] = SlotRows(lora.token_slots, lora.prompt_runs)
-            else:
-                rows = lora.cache[key] = SlotRows(lora.token_slots[self.token_index])
+            token_slots = lora.token_slots if self.token_index is None else lora.token_slots[self.token_index]
+            rows = lora.cache[key] = SlotRows(token_slots)
         if n_tokens != rows.token_slots.numel():
             raise RuntimeError(f"multi-LoRA layer got {n_tokens} tokens but the batch has "
                                f"{rows.token_slots.numel()} token slots")
