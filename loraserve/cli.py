@@ -73,7 +73,7 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
                         "left to the HTTP server and clients, as vLLM-CPU reserves one)")
     g.add_argument("--no-prepack-weights", dest="prepack_weights", action="store_false",
                    help="CPU bf16: do not keep oneDNN-packed copies of the linear weights (halves their "
-                        "memory, decode steps ~25%% slower; results are bit-identical either way)")
+                        "memory, decode steps ~20%% slower; results are bit-identical either way)")
     g.add_argument("--chat-template", default=None,
                    help="a Jinja chat template, or a file holding one, used instead of the tokenizer's own")
 

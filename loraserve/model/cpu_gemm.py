@@ -32,7 +32,7 @@ class PackedWeight:
     `settle_calls`: after a change, multiply from the plain weight for this many calls before packing.
     LoRA's stacked groups change whenever an adapter enters a slot, and repacking them all costs ~150 ms
     for SmolLM2 on one core: waiting until the slots have been stable for a while means adapters churning
-    through the slots run on plain GEMMs (~25% slower) instead of stalling on a repack each time. Both
+    through the slots run on plain GEMMs (~1.4x the time) instead of stalling on a repack each time. Both
     paths give the same bits."""
 
     def __init__(self, settle_calls: int = 0) -> None:
