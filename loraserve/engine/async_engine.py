@@ -12,7 +12,7 @@ import os
 import queue
 import threading
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any
 
 import torch
@@ -134,12 +134,16 @@ class AsyncEngine:
     def _publish(self, request_id: str, item) -> None:
         self._loop.call_soon_threadsafe(self._deliver, request_id, item)
 
-    def _drain_inbox(self) -> None:
+    def _pending_messages(self) -> Iterator[tuple]:
+        """Take the inbox's messages, oldest first, until it is empty."""
         while True:
             try:
-                message = self._inbox.get_nowait()
+                yield self._inbox.get_nowait()
             except queue.Empty:
                 return
+
+    def _drain_inbox(self) -> None:
+        for message in self._pending_messages():
             if message[0] == "abort":
                 self.engine.abort(message[1])
                 continue
@@ -205,11 +209,7 @@ class AsyncEngine:
     def _fail_calls(self) -> None:
         """The loop is stopping: answer what it will not run, so no caller waits forever."""
         dead = EngineDeadError("the engine loop stopped")
-        while True:
-            try:
-                message = self._inbox.get_nowait()
-            except queue.Empty:
-                return
+        for message in self._pending_messages():
             if message[0] == "call":
                 self._loop.call_soon_threadsafe(self._settle, message[3], None, dead)
             elif message[0] == "add":
