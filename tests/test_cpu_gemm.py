@@ -84,11 +84,11 @@ def test_prepack_keeps_names_state_and_only_touches_bf16_cpu_linears():
     assert prepack_linears(nn.Linear(4, 4)) == 0    # float32 stays plain
 
 
-def bf16_engine(adapters_: dict, prepack: bool) -> LLMEngine:
+def bf16_engine(adapters_: dict, prepack: bool, enable_lora: bool = True) -> LLMEngine:
     model, _ = tiny_model("llama", dtype=BF16)
     cfg = EngineConfig(model="tiny", num_kv_blocks=128, block_size=4, max_num_batched_tokens=16, max_num_seqs=8,
                        prepack_weights=prepack,
-                       lora=LoRAConfig(enable_lora=True, lora_modules={k: str(v) for k, v in adapters_.items()},
+                       lora=LoRAConfig(enable_lora=enable_lora, lora_modules={k: str(v) for k, v in adapters_.items()},
                                        max_loras=4))
     engine = LLMEngine(cfg, model, IdTokenizer())
     assert any(isinstance(m, PackedLinear) for m in engine.model.modules()) == prepack
@@ -96,13 +96,14 @@ def bf16_engine(adapters_: dict, prepack: bool) -> LLMEngine:
 
 
 def test_bf16_outputs_do_not_depend_on_batch_neighbours_or_packing(adapters):  # noqa: F811
-    """The bf16 serving path (packed GEMMs, stacked projection groups): the base's tokens equal a
-    LoRA-less engine's, an adapter's do not change with what shares its batch, and packing changes
-    nothing at all."""
+    """The bf16 serving path (packed GEMMs, stacked projection groups): the base's tokens equal those
+    of an engine with no adapters and of one without LoRA at all (its q/k/v and gate/up fused without
+    any A), an adapter's do not change with what shares its batch, and packing changes nothing at all."""
     p = prompts(4, seed=5)
     results = []
     for prepack in (True, False):
         alone = run(bf16_engine({}, prepack), [(p[0], None)])["r0"]
+        assert run(bf16_engine({}, prepack, enable_lora=False), [(p[0], None)])["r0"] == alone
         mixed = run(bf16_engine(adapters, prepack), [(p[0], None), (p[1], "a"), (p[2], "b"), (p[3], "c")])
         assert mixed["r0"] == alone
         a_alone = run(bf16_engine(adapters, prepack), [(p[1], "a")])["r0"]

@@ -23,6 +23,7 @@ from loraserve.lora.adapter import AdapterError
 from loraserve.lora.manager import AdapterConflict, LoadReport, LoRAManager
 from loraserve.model.attention import ATTN_NAME
 from loraserve.model.cpu_gemm import prepack_linears
+from loraserve.model.fused_linear import fuse_sibling_linears
 from loraserve.model.loader import load_model
 from loraserve.model.sampler import Sampler
 
@@ -72,6 +73,8 @@ class LLMEngine:
 
         if config.prepack_weights:
             log.info("prepacked %d linear weights for oneDNN", prepack_linears(self.model))
+        if not config.lora.enable_lora:    # LoRA's layers group the same siblings themselves (lora/fused.py)
+            log.info("fused %d q/k/v and gate/up sibling groups", fuse_sibling_linears(self.model))
         specs = cache_specs(model)   # before LoRA wrapping swaps the projections
         num_blocks = config.num_kv_blocks or int(
             config.kv_cache_memory_gb * 2**30 // (KVCache.bytes_per_token(specs, self.dtype) * config.block_size))

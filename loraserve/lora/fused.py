@@ -21,15 +21,16 @@ from torch import nn
 
 from loraserve.lora.layers import MultiLoRALinear
 from loraserve.model.cpu_gemm import PackedLinear, PackedWeight
+from loraserve.model.fused_linear import SIBLINGS, SiblingGroup
 
 # Singletons too: stacking a projection's own A under its base weight saves one GEMM per layer.
-GROUPS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"), ("o_proj",), ("down_proj",))
+GROUPS = SIBLINGS + (("o_proj",), ("down_proj",))
 SETTLE_CALLS = 8    # forwards on the plain stacks after a slot change before they are packed again
 
 
-class ProjectionGroup:
+class ProjectionGroup(SiblingGroup):
     def __init__(self, members: list[MultiLoRALinear]) -> None:
-        self.members = members
+        super().__init__(members)
         self.outs = [m.out_features for m in members]
         self.synced: tuple[int, ...] | None = None        # members' slot versions when last synced
         self.w_cat: torch.Tensor | None = None            # [O + G*L*r, in]: base weights, then each A
@@ -39,8 +40,6 @@ class ProjectionGroup:
         self.packed_w = PackedWeight(SETTLE_CALLS)
         self.packed_b = [PackedWeight(SETTLE_CALLS) for _ in members]
         self.rank = 0
-        self._x: torch.Tensor | None = None               # the input whose outputs wait in _pending
-        self._pending: dict[int, torch.Tensor] = {}
         for m in members:
             m.group = self
 
@@ -79,17 +78,6 @@ class ProjectionGroup:
             self.w_cat[rows] = m.lora_a.reshape(L * rank, in_dim)
             self.b_members[g].copy_(m.lora_bt.reshape(L * rank, o).t())
         self.synced = versions
-
-    def forward(self, member: MultiLoRALinear, x: torch.Tensor) -> torch.Tensor:
-        idx = self.members.index(member)
-        if self._x is x and idx in self._pending:
-            out = self._pending.pop(idx)
-            if not self._pending:
-                self._x = None
-            return out
-        outs = self._compute(x)
-        self._x, self._pending = x, {i: o for i, o in enumerate(outs) if i != idx}
-        return outs[idx]
 
     def _compute(self, x: torch.Tensor) -> list[torch.Tensor]:
         with torch.inference_mode(False):   # the stacks outlive this forward: make normal tensors

@@ -1,0 +1,99 @@
+"""Sibling projections as one GEMM: q/k/v (and gate/up) read the same input, so stack their weights
+and multiply once, as vLLM's QKVParallelLinear and MergedColumnParallelLinear do.
+
+transformers calls the siblings one after another with the same tensor. The first call computes all
+of them and keeps the others' outputs; the next calls with that same tensor object take theirs. A
+call with another tensor (a model that feeds siblings different inputs) just computes again, so the
+result never depends on how the model calls them, only the saving does.
+
+Each output column of a GEMM is its own dot product over the same input row, so the stacked GEMM
+gives every member's columns bit for bit (tests/test_fused_linear.py checks it). On CPU bf16 at
+decode batch sizes a GEMM call costs ~15 us of fixed overhead whatever its size, and the small k/v
+GEMMs run far below the core's rate: one q/k/v GEMM instead of three saved ~20 us a layer."""
+
+import torch
+from torch import nn
+
+from loraserve.model.cpu_gemm import PackedLinear, PackedWeight
+
+SIBLINGS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
+
+
+class SiblingGroup:
+    """Members that read the same input; `_compute(x)` returns every member's output."""
+
+    def __init__(self, members: list[nn.Module]) -> None:
+        self.members = members
+        self._x: torch.Tensor | None = None               # the input whose outputs wait in _pending
+        self._pending: dict[int, torch.Tensor] = {}
+
+    def forward(self, member: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        idx = self.members.index(member)
+        if self._x is x and idx in self._pending:
+            out = self._pending.pop(idx)
+            if not self._pending:
+                self._x = None
+            return out
+        outs = self._compute(x)
+        self._x, self._pending = x, {i: o for i, o in enumerate(outs) if i != idx}
+        return outs[idx]
+
+    def _compute(self, x: torch.Tensor) -> list[torch.Tensor]:
+        raise NotImplementedError
+
+
+class FusedLinearGroup(SiblingGroup):
+    """Plain nn.Linear siblings (no LoRA): their weights become row views of one stacked weight, so
+    the model holds no second copy."""
+
+    def __init__(self, members: list[nn.Linear]) -> None:
+        super().__init__(members)
+        self.outs = [m.out_features for m in members]
+        with torch.no_grad():
+            self.weight = torch.cat([m.weight for m in members])
+            self.bias = (torch.cat([m.bias if m.bias is not None else m.weight.new_zeros(m.out_features)
+                                    for m in members]) if any(m.bias is not None for m in members) else None)
+        self.packed = PackedWeight()
+        start = 0
+        for m, o in zip(members, self.outs):
+            m.weight = nn.Parameter(self.weight[start:start + o], requires_grad=False)
+            if m.bias is not None:
+                m.bias = nn.Parameter(self.bias[start:start + o], requires_grad=False)
+            start += o
+            m.__class__ = GroupedLinear
+            m.group = self
+            m.__dict__.pop("packed_weight", None)         # a PackedLinear's copy: the group packs its own
+        self.packed.get(self.weight)                      # pack now, not on the first request
+
+    def _compute(self, x: torch.Tensor) -> list[torch.Tensor]:
+        y = self.packed.linear(x, self.weight, self.bias)
+        return [o.contiguous() for o in y.split(self.outs, dim=-1)]
+
+
+class GroupedLinear(nn.Linear):
+    """An nn.Linear whose forward is its FusedLinearGroup's: names, state dicts and isinstance checks
+    stay as they were (the class is swapped in place, like PackedLinear)."""
+
+    group: FusedLinearGroup
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.group.forward(self, x)
+
+
+def _plain_linear(module: nn.Module | None) -> bool:
+    return type(module) in (nn.Linear, PackedLinear)
+
+
+def fuse_sibling_linears(model: nn.Module) -> int:
+    """Group every parent's plain q/k/v and gate/up linears (same input size, dtype and device) into
+    FusedLinearGroups; return how many groups. For a model without LoRA (LoRA layers group their own)."""
+    count = 0
+    for parent in list(model.modules()):
+        for names in SIBLINGS:
+            members = [getattr(parent, n, None) for n in names]
+            if not all(_plain_linear(m) for m in members):
+                continue
+            if len({(m.in_features, m.weight.dtype, m.weight.device) for m in members}) == 1:
+                FusedLinearGroup(members)
+                count += 1
+    return count
