@@ -13,6 +13,7 @@ import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from loraserve.config import EngineConfig
+from loraserve.engine.detokenizer import Detokenizer
 from loraserve.engine.kv_cache import BlockManager, KVCache, cache_specs
 from loraserve.engine.model_runner import ModelRunner
 from loraserve.engine.outputs import RequestOutput
@@ -329,11 +330,14 @@ class LLMEngine:
         reason = None
         if (token in self.eos_ids and not p.ignore_eos) or token in p.stop_token_ids:
             reason = "stop"
-        elif len(seq.output_token_ids) >= p.max_tokens or len(seq) >= self.max_model_len:
+        elif len(seq) - seq.num_prompt_tokens >= p.max_tokens or len(seq) >= self.max_model_len:
             reason = "length"
-        # A stop token ends the text, it is not part of it (some GGUF tokenizers do not mark EOS special).
-        text_ids = seq.output_token_ids[:-1] if reason == "stop" else seq.output_token_ids
-        seq.text = self.tokenizer.decode(text_ids, skip_special_tokens=True)
+        if seq.detokenizer is None:
+            seq.detokenizer = Detokenizer(self.tokenizer)
+        if reason is None:
+            seq.text = seq.detokenizer.add(seq.token_ids, seq.num_prompt_tokens)
+        else:   # a stop token ends the text, it is not part of it (some GGUF tokenizers do not mark EOS special)
+            seq.text = seq.detokenizer.final(seq.output_token_ids[:-1] if reason == "stop" else seq.output_token_ids)
         safe = len(seq.text)
         for stop in p.stop:
             at = seq.text.find(stop, max(0, seq.num_emitted_chars - len(stop)))

@@ -38,6 +38,7 @@ class Sequence:
         # Detokenization state: text is everything decoded so far, emitted what was handed out.
         self.text = ""
         self.num_emitted_chars = 0
+        self.detokenizer = None                   # engine.detokenizer.Detokenizer, made on the first token
 
     def __len__(self) -> int:
         return len(self.token_ids)
