@@ -74,6 +74,9 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--no-prepack-weights", dest="prepack_weights", action="store_false",
                    help="CPU bf16: do not keep oneDNN-packed copies of the linear weights (halves their "
                         "memory, decode steps ~20%% slower; results are bit-identical either way)")
+    g.add_argument("--no-cpu-kernels", dest="cpu_kernels", action="store_false",
+                   help="CPU: do not build or use the C++ decode-attention kernel (built on first start, "
+                        "~20 s, then cached); decode attention then gathers K/V and runs PyTorch matmuls")
     g.add_argument("--chat-template", default=None,
                    help="a Jinja chat template, or a file holding one, used instead of the tokenizer's own")
 
@@ -154,7 +157,7 @@ def engine_config(args: argparse.Namespace) -> EngineConfig:
         max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs,
         max_num_batched_tokens=args.max_num_batched_tokens, block_size=args.block_size,
         num_kv_blocks=args.num_kv_blocks, kv_cache_memory_gb=args.kv_cache_memory_gb, seed=args.seed,
-        prepack_weights=args.prepack_weights,
+        prepack_weights=args.prepack_weights, cpu_kernels=args.cpu_kernels,
         trust_remote_code=args.trust_remote_code, lora=lora)
 
 

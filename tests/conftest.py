@@ -4,7 +4,15 @@ real engine on loopback (modules that need another setup define their own `model
 import pytest
 
 from loraserve.engine.async_engine import AsyncEngine
+from loraserve.model import kernels
 from server_fixtures import ServerThread, build_tiny_llama, tiny_engine_config
+
+
+@pytest.fixture(scope="session", autouse=True)
+def built_cpu_kernels():
+    """Build the C++ kernel once, before any test starts a server process: those then load the cached
+    build (~0.1 s) instead of compiling (~20 s) inside their start-up timeouts."""
+    kernels.paged_attention()
 
 
 @pytest.fixture(scope="module")

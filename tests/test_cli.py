@@ -48,6 +48,10 @@ def test_no_prepack_weights_maps_onto_engine_config():
     assert serve_config("m", "--no-prepack-weights") == EngineConfig(model="m", prepack_weights=False)
 
 
+def test_no_cpu_kernels_maps_onto_engine_config():
+    assert serve_config("m", "--no-cpu-kernels") == EngineConfig(model="m", cpu_kernels=False)
+
+
 def test_serving_threads_leave_a_core_for_the_http_side(monkeypatch):
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1, 2, 3})

@@ -1,5 +1,8 @@
 """The paged engine's logits equal transformers' own forward, for every architecture, through chunked
-prefill and steps that mix prefill chunks with decodes (float32, max abs diff < 1e-4)."""
+prefill and steps that mix prefill chunks with decodes (float32, max abs diff < 1e-4), with decode
+attention in the C++ kernel and in PyTorch."""
+
+import shutil
 
 import pytest
 import torch
@@ -32,10 +35,15 @@ def record_logits(engine: LLMEngine, batches: list) -> list[tuple[str, int, torc
     return seen
 
 
+@pytest.mark.parametrize("cpu_kernels", [True, False], ids=["cpp-decode", "torch-decode"])
 @pytest.mark.parametrize("arch", ARCHS)
-def test_paged_logits_match_transformers(arch):
+def test_paged_logits_match_transformers(arch, cpu_kernels):
     model, ref = tiny_model(arch)
-    engine = make_engine(model)
+    engine = make_engine(model, cpu_kernels=cpu_kernels)
+    if cpu_kernels and (shutil.which("c++") or shutil.which("g++")):
+        assert engine.runner.decode_kernel is not None      # decodes really ran through the C++ kernel
+    if not cpu_kernels:
+        assert engine.runner.decode_kernel is None
     batches = []
     seen = record_logits(engine, batches)
     g = torch.Generator().manual_seed(1)

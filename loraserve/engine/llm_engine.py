@@ -22,6 +22,7 @@ from loraserve.engine.scheduler import Scheduler
 from loraserve.engine.sequence import Sequence
 from loraserve.lora.adapter import AdapterError
 from loraserve.lora.manager import AdapterConflict, LoadReport, LoRAManager
+from loraserve.model import kernels
 from loraserve.model.attention import ATTN_NAME
 from loraserve.model.cpu_gemm import prepack_linears
 from loraserve.model.fused_linear import fuse_sibling_linears
@@ -81,7 +82,10 @@ class LLMEngine:
             config.kv_cache_memory_gb * 2**30 // (KVCache.bytes_per_token(specs, self.dtype) * config.block_size))
         self.kv_cache = KVCache(specs, num_blocks, config.block_size, self.dtype, self.device)
         self.blocks = BlockManager(num_blocks, config.block_size)
-        self.runner = ModelRunner(self.model, self.kv_cache, self.device)
+        kernel = None
+        if config.cpu_kernels and self.device.type == "cpu" and self.dtype in (torch.bfloat16, torch.float32):
+            kernel = kernels.paged_attention()
+        self.runner = ModelRunner(self.model, self.kv_cache, self.device, kernel)
         self.sampler = Sampler(config.seed)
         self.lora = self._load_adapters(config) if config.lora.enable_lora else None
         self.scheduler = Scheduler(self.blocks, config.max_num_seqs,

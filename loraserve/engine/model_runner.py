@@ -18,11 +18,12 @@ PAD_POS = 1 << 30   # position given to padding keys: after every query, so caus
 
 
 class ModelRunner:
-    def __init__(self, model: nn.Module, kv_cache: KVCache, device: torch.device):
+    def __init__(self, model: nn.Module, kv_cache: KVCache, device: torch.device, decode_kernel: object | None = None):
         self.model = model
         self.kv_cache = kv_cache
         self.block_size = kv_cache.block_size
         self.device = device
+        self.decode_kernel = decode_kernel          # model/kernels.py's paged attention (CPU), or None
 
     def _blocks(self, seq: Sequence, end: int) -> np.ndarray:
         """The blocks holding positions [0, end) of `seq`."""
@@ -60,7 +61,8 @@ class ModelRunner:
             "position_ids": torch.from_numpy(np.concatenate(pos)).to(dev)[None],
             "logits_to_keep": torch.tensor(keep, dtype=torch.long, device=dev),
         }
-        md = AttentionMetadata(self.kv_cache, torch.from_numpy(np.concatenate(slot_mapping)).to(dev), groups)
+        md = AttentionMetadata(self.kv_cache, torch.from_numpy(np.concatenate(slot_mapping)).to(dev), groups,
+                               self.decode_kernel)
         slots = torch.from_numpy(np.concatenate(token_slots)).to(dev)
         lora = LoRABatch.from_token_slots(slots)
         return inputs, ForwardContext(attn=md, lora=lora if lora.any_lora else None), sampling
@@ -96,6 +98,7 @@ class ModelRunner:
             q_pos=torch.tensor([e - 1 for e in ends], device=dev)[:, None],
             kv_blocks=torch.from_numpy(kv_blocks).to(dev),
             kv_pos=torch.from_numpy(kv_pos).to(dev),
+            seq_lens=torch.tensor(ends, device=dev),
         )
 
     @torch.inference_mode()

@@ -27,6 +27,7 @@ class AttentionGroup:
     kv_blocks: torch.Tensor   # [B, nb] KV blocks of each sequence's context (padding: block 0)
     kv_pos: torch.Tensor      # [B, nb * block_size] position of each key; padding has a huge position
     span: slice | None = None  # the same rows as a slice, when they are consecutive (always, as scheduled)
+    seq_lens: torch.Tensor | None = None   # decode groups: [B] context length (the query is its last token)
     masks: dict = field(default_factory=dict)   # sliding window -> [B, 1, q_len, kv_len] bool
 
     def blocked(self, window: int | None) -> torch.Tensor:
@@ -45,6 +46,7 @@ class AttentionMetadata:
     kv_cache: KVCache
     slot_mapping: torch.Tensor                  # [T] cache slot of each new token
     groups: list[AttentionGroup]
+    decode_kernel: object | None = None         # model/kernels.py's compiled module (CPU), or None
 
 
 def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, blocked: torch.Tensor, scaling: float | None,
@@ -91,10 +93,17 @@ def paged_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Ten
     for g in md.groups:
         b, n = g.rows.shape
         rows = g.rows if g.span is None else g.span                     # a slice reads a view, not a gather
-        qg = q[:, :, rows].reshape(hkv, h // hkv, b, n, d).transpose(1, 2).reshape(hkv, b, -1, d)
-        kg, vg = _gather(k_cache, g.kv_blocks, bs), _gather(v_cache, g.kv_blocks, bs)
-        o = _attend(qg, kg, vg, g.blocked(sliding_window), scaling, softcap)   # [Hkv, B, G * q_len, D]
-        o = o.view(hkv, b, h // hkv, n, d).permute(1, 3, 0, 2, 4).reshape(b * n, h, d)
+        if g.seq_lens is not None and md.decode_kernel is not None and query.dtype == k_cache.dtype:
+            # One query token per sequence: the C++ kernel reads K/V in place from the cache's blocks.
+            qd = query[0][:, rows].reshape(h, b, d).transpose(0, 1).contiguous()       # [B, H, D]
+            o = md.decode_kernel.paged_decode_attention(
+                qd, k_cache, v_cache, g.kv_blocks, g.seq_lens, bs, scaling if scaling is not None else d ** -0.5,
+                softcap or 0.0, sliding_window or 0)
+        else:
+            qg = q[:, :, rows].reshape(hkv, h // hkv, b, n, d).transpose(1, 2).reshape(hkv, b, -1, d)
+            kg, vg = _gather(k_cache, g.kv_blocks, bs), _gather(v_cache, g.kv_blocks, bs)
+            o = _attend(qg, kg, vg, g.blocked(sliding_window), scaling, softcap)   # [Hkv, B, G * q_len, D]
+            o = o.view(hkv, b, h // hkv, n, d).permute(1, 3, 0, 2, 4).reshape(b * n, h, d)
         if g.span == slice(0, t):       # one group holds the whole batch (a pure decode step)
             return o.unsqueeze(0), None
         if out is None:

@@ -1,0 +1,188 @@
+// Decode attention read straight from the paged KV cache (CPU).
+//
+// One query token per sequence. For each (sequence, KV head) the kernel walks the sequence's blocks in
+// the [Hkv, slots, D] cache, so no copy of the context is gathered first (the PyTorch path gathers K and
+// V with index_select, then multiplies: three passes over the context instead of one). Scores, softmax
+// and the weighted sum run in float32; each sequence is computed on its own, so a row's result never
+// depends on what else is in the batch. Built by model/kernels.py with torch's cpp_extension.
+
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <vector>
+
+namespace {
+
+inline void to_float(const float* src, float* dst, int64_t n) { std::copy(src, src + n, dst); }
+
+inline void to_float(const at::BFloat16* src, float* __restrict__ dst, int64_t n) {
+  // bf16 is the top half of a float32: widen the bits (the loop vectorizes).
+  const uint16_t* __restrict__ s = reinterpret_cast<const uint16_t*>(src);
+  uint32_t* __restrict__ d = reinterpret_cast<uint32_t*>(dst);
+  for (int64_t i = 0; i < n; ++i) d[i] = static_cast<uint32_t>(s[i]) << 16;
+}
+
+// The next block is somewhere else in the cache: ask for all of its lines now, so the loads overlap
+// this block's arithmetic instead of stalling on each jump.
+template <typename T>
+inline void prefetch_block(const T* p, int64_t elems) {
+  const char* c = reinterpret_cast<const char*>(p);
+  for (int64_t off = 0; off < elems * static_cast<int64_t>(sizeof(T)); off += 64) __builtin_prefetch(c + off);
+}
+
+inline float dot(const float* __restrict__ a, const float* __restrict__ b, int64_t n) {
+  float s = 0.f;
+  for (int64_t i = 0; i < n; ++i) s += a[i] * b[i];
+  return s;
+}
+
+// exp(x) for x <= 0 (softmax after subtracting the max), as plain float arithmetic so the loop calling
+// it vectorizes (libm's expf is a call per element): 2^k * p(r), r in [-ln2/2, ln2/2], a degree-6
+// polynomial (Cephes' expf coefficients); relative error ~2e-7. Inputs below -87 give 0.
+inline float exp_nonpositive(float x) {
+  x = std::max(x, -87.0f);
+  const float k = std::nearbyint(x * 1.44269504088896341f);
+  const float r = (x - k * 0.693359375f) + k * 2.12194440e-4f;
+  float p = 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  p = p * r * r + r + 1.0f;
+  const int32_t bits = (static_cast<int32_t>(k) + 127) << 23;
+  float scale;
+  std::memcpy(&scale, &bits, sizeof scale);
+  return p * scale;
+}
+
+// a += sum over rows t of p[t] * v[t]. With the head size known at compile time the accumulator is a
+// local array the compiler keeps in vector registers across the block's rows.
+template <int64_t HEAD_DIM>
+inline void accumulate(float* __restrict__ a, const float* __restrict__ p, const float* __restrict__ v,
+                       int64_t rows, int64_t D) {
+  if constexpr (HEAD_DIM > 0) {
+    float r[HEAD_DIM];
+    for (int64_t d = 0; d < HEAD_DIM; ++d) r[d] = a[d];
+    for (int64_t t = 0; t < rows; ++t)
+      for (int64_t d = 0; d < HEAD_DIM; ++d) r[d] += p[t] * v[t * HEAD_DIM + d];
+    for (int64_t d = 0; d < HEAD_DIM; ++d) a[d] = r[d];
+  } else {
+    for (int64_t t = 0; t < rows; ++t)
+      for (int64_t d = 0; d < D; ++d) a[d] += p[t] * v[t * D + d];
+  }
+}
+
+struct Shape {
+  int64_t B, H, Hkv, D, slots, max_blocks, block_size, window;
+  float scale, softcap;
+};
+
+// HEAD_DIM > 0 fixes the head size at compile time (the common ones), so the loops over it unroll into a
+// few vector instructions; 0 reads it at run time.
+template <typename T, int64_t HEAD_DIM>
+void attend(const Shape& s, const T* q, const T* k_cache, const T* v_cache, const int64_t* tables,
+            const int64_t* lens, T* out) {
+  const int64_t G = s.H / s.Hkv, D = HEAD_DIM > 0 ? HEAD_DIM : s.D, bs = s.block_size;
+  at::parallel_for(0, s.B * s.Hkv, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> qf(G * D), acc(G * D), block(bs * D), scores;
+    for (int64_t i = begin; i < end; ++i) {
+      const int64_t b = i / s.Hkv, h = i % s.Hkv, len = lens[b];
+      const int64_t first = s.window > 0 ? std::max<int64_t>(0, len - s.window) : 0, n = len - first;
+      const T* qrow = q + (b * s.H + h * G) * D;        // the G query heads that share KV head h
+      to_float(qrow, qf.data(), G * D);
+      scores.resize(G * n);
+      const int64_t* table = tables + b * s.max_blocks;
+      // Scores, block by block: a block's rows for head h are contiguous in the cache.
+      for (int64_t t0 = first - first % bs; t0 < len; t0 += bs) {
+        const int64_t lo = std::max(t0, first), hi = std::min(t0 + bs, len);
+        const T* kb = k_cache + (h * s.slots + table[t0 / bs] * bs) * D;
+        if (t0 + bs < len) prefetch_block(k_cache + (h * s.slots + table[t0 / bs + 1] * bs) * D, bs * D);
+        to_float(kb + (lo - t0) * D, block.data(), (hi - lo) * D);
+        for (int64_t g = 0; g < G; ++g) {
+          float* x = scores.data() + g * n + (lo - first);
+          for (int64_t t = 0; t < hi - lo; ++t) x[t] = dot(qf.data() + g * D, block.data() + t * D, D) * s.scale;
+          if (s.softcap > 0.f)
+            for (int64_t t = 0; t < hi - lo; ++t) x[t] = std::tanh(x[t] / s.softcap) * s.softcap;
+        }
+      }
+      for (int64_t g = 0; g < G; ++g) {
+        float* x = scores.data() + g * n;
+        const float m = *std::max_element(x, x + n);
+        float sum = 0.f;
+        for (int64_t t = 0; t < n; ++t) x[t] = exp_nonpositive(x[t] - m);
+        for (int64_t t = 0; t < n; ++t) sum += x[t];
+        const float inv = 1.f / sum;
+        for (int64_t t = 0; t < n; ++t) x[t] *= inv;
+      }
+      std::fill(acc.begin(), acc.end(), 0.f);
+      for (int64_t t0 = first - first % bs; t0 < len; t0 += bs) {
+        const int64_t lo = std::max(t0, first), hi = std::min(t0 + bs, len);
+        const T* vb = v_cache + (h * s.slots + table[t0 / bs] * bs) * D;
+        if (t0 + bs < len) prefetch_block(v_cache + (h * s.slots + table[t0 / bs + 1] * bs) * D, bs * D);
+        to_float(vb + (lo - t0) * D, block.data(), (hi - lo) * D);
+        for (int64_t g = 0; g < G; ++g)
+          accumulate<HEAD_DIM>(acc.data() + g * D, scores.data() + g * n + (lo - first), block.data(), hi - lo, D);
+      }
+      T* orow = out + (b * s.H + h * G) * D;
+      for (int64_t j = 0; j < G * D; ++j) orow[j] = static_cast<T>(acc[j]);
+    }
+  });
+}
+
+template <typename T>
+void attend_any(const Shape& s, const T* q, const T* k_cache, const T* v_cache, const int64_t* tables,
+                const int64_t* lens, T* out) {
+  switch (s.D) {
+    case 64: return attend<T, 64>(s, q, k_cache, v_cache, tables, lens, out);
+    case 128: return attend<T, 128>(s, q, k_cache, v_cache, tables, lens, out);
+    case 256: return attend<T, 256>(s, q, k_cache, v_cache, tables, lens, out);
+    default: return attend<T, 0>(s, q, k_cache, v_cache, tables, lens, out);
+  }
+}
+
+}  // namespace
+
+// q [B, H, D]; k_cache, v_cache [Hkv, slots, D]; block_tables [B, max_blocks] int64; seq_lens [B] int64
+// (the query is the last of seq_lens[b] tokens); window <= 0: no sliding window; softcap <= 0: none.
+torch::Tensor paged_decode_attention(torch::Tensor q, torch::Tensor k_cache, torch::Tensor v_cache,
+                                     torch::Tensor block_tables, torch::Tensor seq_lens, int64_t block_size,
+                                     double scale, double softcap, int64_t window) {
+  TORCH_CHECK(q.dim() == 3 && k_cache.dim() == 3 && v_cache.sizes() == k_cache.sizes(), "bad shapes");
+  TORCH_CHECK(q.size(2) == k_cache.size(2) && q.size(1) % k_cache.size(0) == 0, "head sizes do not match");
+  TORCH_CHECK(q.scalar_type() == k_cache.scalar_type() && q.scalar_type() == v_cache.scalar_type(), "dtypes differ");
+  TORCH_CHECK(block_tables.scalar_type() == at::kLong && seq_lens.scalar_type() == at::kLong, "int64 tables");
+  TORCH_CHECK(q.is_contiguous() && k_cache.is_contiguous() && v_cache.is_contiguous() &&
+              block_tables.is_contiguous() && seq_lens.is_contiguous(), "contiguous inputs");
+  TORCH_CHECK(seq_lens.size(0) == q.size(0) && block_tables.size(0) == q.size(0), "one table per query");
+  auto out = torch::empty_like(q);
+  const Shape s{q.size(0), q.size(1), k_cache.size(0), q.size(2), k_cache.size(1), block_tables.size(1),
+                block_size, window, static_cast<float>(scale), static_cast<float>(softcap)};
+  const auto* tables = block_tables.data_ptr<int64_t>();
+  const auto* lens = seq_lens.data_ptr<int64_t>();
+  const int64_t num_blocks = s.slots / block_size;
+  for (int64_t b = 0; b < s.B; ++b) {   // every block a sequence reads must lie inside the cache
+    TORCH_CHECK(lens[b] >= 1 && lens[b] <= s.max_blocks * block_size, "sequence ", b, ": length ", lens[b],
+                " does not fit its block table");
+    for (int64_t j = 0; j < (lens[b] + block_size - 1) / block_size; ++j)
+      TORCH_CHECK(tables[b * s.max_blocks + j] >= 0 && tables[b * s.max_blocks + j] < num_blocks,
+                  "sequence ", b, ": block ", tables[b * s.max_blocks + j], " is outside the cache");
+  }
+  if (q.scalar_type() == at::kBFloat16) {
+    attend_any(s, q.data_ptr<at::BFloat16>(), k_cache.data_ptr<at::BFloat16>(), v_cache.data_ptr<at::BFloat16>(),
+           tables, lens, out.data_ptr<at::BFloat16>());
+  } else {
+    TORCH_CHECK(q.scalar_type() == at::kFloat, "bfloat16 or float32 only");
+    attend_any(s, q.data_ptr<float>(), k_cache.data_ptr<float>(), v_cache.data_ptr<float>(), tables, lens,
+           out.data_ptr<float>());
+  }
+  return out;
+}
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("paged_decode_attention", &paged_decode_attention, "decode attention over the paged KV cache");
+}

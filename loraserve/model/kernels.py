@@ -1,0 +1,46 @@
+"""C++ kernels for the CPU, compiled on first use with torch's cpp_extension (the sources are in csrc/).
+
+Compiling takes ~20 s once per machine; torch caches the library under ~/.cache/torch_extensions
+(or TORCH_EXTENSIONS_DIR). The library is built with -march=native, so its name carries a digest of
+the source, this CPU's feature flags and the torch version: a cache shared between different machines
+never loads a build made for another CPU. Without a compiler (or with `--no-cpu-kernels`) the engine
+keeps its PyTorch paths and logs why."""
+
+import functools
+import hashlib
+import logging
+import os
+from pathlib import Path
+
+import torch
+
+log = logging.getLogger(__name__)
+
+CSRC = Path(__file__).parent / "csrc"
+# -O3 and the float-reassociation flags let the compiler vectorize the dot products and sums; nothing
+# here depends on infinities or NaNs, and the flags are not passed to the linker (no fast-math runtime).
+CFLAGS = ["-O3", "-march=native", "-fno-math-errno", "-fassociative-math", "-fno-signed-zeros",
+          "-fno-trapping-math"]
+
+
+def _cpu_flags() -> str:
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+    except OSError:
+        return os.uname().machine
+    return next((line for line in lines if line.startswith(("flags", "Features"))), os.uname().machine)
+
+
+@functools.cache
+def paged_attention() -> object | None:
+    """The compiled module with `paged_decode_attention`, or None (logged) where it cannot be built."""
+    from torch.utils import cpp_extension
+    source = CSRC / "paged_attention.cpp"
+    digest = hashlib.sha256(source.read_bytes() + _cpu_flags().encode() + torch.__version__.encode()
+                            + " ".join(CFLAGS).encode()).hexdigest()[:12]
+    try:
+        return cpp_extension.load(f"loraserve_paged_attention_{digest}", [str(source)], extra_cflags=CFLAGS)
+    except Exception as e:    # no compiler, no ninja, headers missing: the PyTorch path still works
+        log.warning("CPU attention kernel not built (%s: %s); decode attention uses the PyTorch path",
+                    type(e).__name__, str(e).splitlines()[0] if str(e) else "")
+        return None
