@@ -184,5 +184,7 @@ torch::Tensor paged_decode_attention(torch::Tensor q, torch::Tensor k_cache, tor
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("paged_decode_attention", &paged_decode_attention, "decode attention over the paged KV cache");
+  // Without the GIL, like torch's own ops: the HTTP thread keeps serving streams while a step computes.
+  m.def("paged_decode_attention", &paged_decode_attention, "decode attention over the paged KV cache",
+        py::call_guard<py::gil_scoped_release>());
 }
