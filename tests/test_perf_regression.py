@@ -3,8 +3,8 @@ process, never absolute times. It catches regressions that would sink issue 7's 
 per token, a lost batched path, LoRA falling off its grouped kernels), not noise: each figure is the
 best of two interleaved runs, and the floors sit well below what this machine measures at this workload
 (engine / transformers 1.6-2.1, mixed / base 0.55-0.58 since the C++ decode attention made both ~4 ms
-a step faster; one CI run on a busy host measured 0.45, hence the 0.4 floor). At 32 new tokens the two engines tied: prefill
-weighs too much there for the ratio to mean anything."""
+a step faster; one CI run on a busy host measured 0.45, hence the 0.4 floor). At 32 new tokens the two
+engines tied: prefill weighs too much there for the ratio to mean anything."""
 
 import time
 
