@@ -5,7 +5,11 @@ function registered under the model's `_attn_implementation`. We register `paged
 writes this step's K/V into the cache and attends each query token over its own sequence's
 cached context. The whole batch is one packed "sequence" of T tokens ([1, T] input_ids), so the
 model's own mask building is switched off (our mask function returns None) and the per-sequence
-structure comes from AttentionMetadata, built once per step by the runner."""
+structure comes from AttentionMetadata, built once per step by the runner.
+
+On CPU the decode group (one query token per sequence) goes to a C++ kernel that reads K/V in place
+from the cache's blocks (csrc/paged_attention.cpp, built by kernels.py); prompt chunks, other devices
+and machines without a compiler use the PyTorch path below: gather the blocks, then batched matmuls."""
 
 from dataclasses import dataclass, field
 
