@@ -21,7 +21,7 @@ from torch import nn
 
 from loraserve.lora.layers import MultiLoRALinear
 from loraserve.model.cpu_gemm import PackedLinear, PackedWeight
-from loraserve.model.fused_linear import SIBLINGS, SiblingGroup
+from loraserve.model.fused_linear import SIBLINGS, SiblingGroup, stack_rows
 
 # Singletons too: stacking a projection's own A under its base weight saves one GEMM per layer.
 GROUPS = SIBLINGS + (("o_proj",), ("down_proj",))
@@ -58,20 +58,12 @@ class ProjectionGroup(SiblingGroup):
         first = self.members[0]
         L, in_dim, out = first.max_loras, first.in_features, sum(self.outs)
         if self.w_cat is None or rank != self.rank:
-            base = [m.base_layer.weight.detach() for m in self.members]
-            self.w_cat = torch.cat(base + [base[0].new_zeros(len(self.members) * L * rank, in_dim)])
-            # The members' base weights become views of the stack: no second copy in memory.
-            start = 0
-            for m, o in zip(self.members, self.outs):
-                m.base_layer.weight = nn.Parameter(self.w_cat[start:start + o], requires_grad=False)
+            # Base weights, then zero rows for every slot's A; the base weights become views of the stack.
+            self.w_cat, self.b_cat = stack_rows([m.base_layer for m in self.members], len(self.members) * L * rank)
+            for m in self.members:
                 if isinstance(m.base_layer, PackedLinear):   # drop the packed copy of the old weight
                     m.base_layer.packed_weight = PackedWeight()
-                start += o
-            if any(m.base_layer.bias is not None for m in self.members):
-                biases = [m.base_layer.bias if m.base_layer.bias is not None else base[0].new_zeros(o)
-                          for m, o in zip(self.members, self.outs)]
-                self.b_cat = torch.cat([b.detach() for b in biases] + [base[0].new_zeros(len(self.members) * L * rank)])
-            self.b_members = [base[0].new_zeros(o, L * rank) for o in self.outs]
+            self.b_members = [self.w_cat.new_zeros(o, L * rank) for o in self.outs]
             self.rank = rank
         for g, (m, o) in enumerate(zip(self.members, self.outs)):
             rows = slice(out + g * L * rank, out + (g + 1) * L * rank)

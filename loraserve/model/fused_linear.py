@@ -42,6 +42,27 @@ class SiblingGroup:
         raise NotImplementedError
 
 
+def stack_rows(linears: list[nn.Linear], extra_rows: int = 0) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """One [sum of out_features + extra_rows, in] weight holding the members' weights, then zero rows
+    (and the same for the biases, if any member has one). Each member's weight and bias become row views
+    of the stack, so the model keeps no second copy."""
+    w0 = linears[0].weight
+    with torch.no_grad():
+        weight = torch.cat([m.weight.detach() for m in linears] + [w0.new_zeros(extra_rows, w0.shape[1])])
+        bias = None
+        if any(m.bias is not None for m in linears):
+            bias = torch.cat([m.bias.detach() if m.bias is not None else w0.new_zeros(m.out_features)
+                              for m in linears] + [w0.new_zeros(extra_rows)])
+    start = 0
+    for m in linears:
+        rows = slice(start, start + m.out_features)
+        m.weight = nn.Parameter(weight[rows], requires_grad=False)
+        if m.bias is not None:
+            m.bias = nn.Parameter(bias[rows], requires_grad=False)
+        start += m.out_features
+    return weight, bias
+
+
 class FusedLinearGroup(SiblingGroup):
     """Plain nn.Linear siblings (no LoRA): their weights become row views of one stacked weight, so
     the model holds no second copy."""
@@ -49,17 +70,9 @@ class FusedLinearGroup(SiblingGroup):
     def __init__(self, members: list[nn.Linear]) -> None:
         super().__init__(members)
         self.outs = [m.out_features for m in members]
-        with torch.no_grad():
-            self.weight = torch.cat([m.weight for m in members])
-            self.bias = (torch.cat([m.bias if m.bias is not None else m.weight.new_zeros(m.out_features)
-                                    for m in members]) if any(m.bias is not None for m in members) else None)
+        self.weight, self.bias = stack_rows(members)
         self.packed = PackedWeight()
-        start = 0
-        for m, o in zip(members, self.outs):
-            m.weight = nn.Parameter(self.weight[start:start + o], requires_grad=False)
-            if m.bias is not None:
-                m.bias = nn.Parameter(self.bias[start:start + o], requires_grad=False)
-            start += o
+        for m in members:
             m.__class__ = GroupedLinear
             m.group = self
             m.__dict__.pop("packed_weight", None)         # a PackedLinear's copy: the group packs its own
