@@ -97,3 +97,19 @@ def test_bad_inputs_are_refused_not_read_out_of_bounds(kernel):
     bad[1, 0] = k.shape[1] // BS
     with pytest.raises(RuntimeError, match="outside the cache"):
         kernel.paged_decode_attention(q, k, v, bad, lens.clamp(min=1), BS, 0.25, 0.0, 0)
+
+
+def test_a_kernel_that_cannot_be_built_is_logged_and_the_engine_keeps_pytorch(monkeypatch, caplog):
+    from torch.utils import cpp_extension
+
+    def no_compiler(*args, **kwargs):
+        raise RuntimeError("Error building extension: c++: not found\nmore")
+    monkeypatch.setattr(cpp_extension, "load", no_compiler)
+    kernels.paged_attention.cache_clear()
+    try:
+        with caplog.at_level("WARNING", logger="loraserve.model.kernels"):
+            assert kernels.paged_attention() is None
+        assert "CPU attention kernel not built (RuntimeError: Error building extension: c++: not found)" in caplog.text
+        assert "PyTorch path" in caplog.text
+    finally:
+        kernels.paged_attention.cache_clear()     # the next caller builds (or loads) the real one again
