@@ -10,9 +10,10 @@ from server_fixtures import ServerThread, build_tiny_llama, tiny_engine_config
 
 @pytest.fixture(scope="session", autouse=True)
 def built_cpu_kernels():
-    """Build the C++ kernel once, before any test starts a server process: those then load the cached
-    build (~0.1 s) instead of compiling (~20 s) inside their start-up timeouts."""
+    """Build the C++ kernels once, before any test starts a server process: those then load the cached
+    builds (~0.1 s) instead of compiling (~20 s each) inside their start-up timeouts."""
     kernels.paged_attention()
+    kernels.multi_lora()
 
 
 @pytest.fixture(scope="module")

@@ -82,10 +82,8 @@ class LLMEngine:
             config.kv_cache_memory_gb * 2**30 // (KVCache.bytes_per_token(specs, self.dtype) * config.block_size))
         self.kv_cache = KVCache(specs, num_blocks, config.block_size, self.dtype, self.device)
         self.blocks = BlockManager(num_blocks, config.block_size)
-        kernel = None
-        if config.cpu_kernels and self.device.type == "cpu" and self.dtype in (torch.bfloat16, torch.float32):
-            kernel = kernels.paged_attention()
-        self.runner = ModelRunner(self.model, self.kv_cache, self.device, kernel)
+        self.runner = ModelRunner(self.model, self.kv_cache, self.device,
+                                  kernels.paged_attention() if self._cpu_kernels() else None)
         self.sampler = Sampler(config.seed)
         self.lora = self._load_adapters(config) if config.lora.enable_lora else None
         self.scheduler = Scheduler(self.blocks, config.max_num_seqs,
@@ -96,6 +94,10 @@ class LLMEngine:
         self.failed: list[tuple[str, Exception]] = []
         log.info("engine ready: %s on %s (%s), %d KV blocks of %d tokens, max_model_len %d",
                  self.served_model_name, self.device, self.dtype, num_blocks, config.block_size, self.max_model_len)
+
+    def _cpu_kernels(self) -> bool:
+        """Whether this engine uses the C++ CPU kernels (model/csrc): on CPU in float32 or bfloat16."""
+        return self.config.cpu_kernels and self.device.type == "cpu" and self.dtype in (torch.bfloat16, torch.float32)
 
     def _max_model_len(self, config: EngineConfig) -> int:
         limit = getattr(self.model.config.get_text_config(), "max_position_embeddings", None)
@@ -111,7 +113,8 @@ class LLMEngine:
     def _load_adapters(self, config: EngineConfig) -> LoRAManager:
         """Load every --lora-modules adapter; if any is bad, refuse to start and name each one and why."""
         manager = LoRAManager(self.model, config.lora.max_loras, config.lora.max_lora_rank,
-                              max_cpu_loras=config.lora.max_cpu_loras)
+                              max_cpu_loras=config.lora.max_cpu_loras,
+                              kernel=kernels.multi_lora() if self._cpu_kernels() else None)
         errors = []
         for name, path in config.lora.lora_modules.items():
             if name == self.served_model_name:

@@ -58,7 +58,7 @@ class _MultiLoRA(nn.Module):
         self.full: dict[int, dict[str, torch.Tensor]] = {}
         self.token_cols: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         self.slots_used: set[int] = set()
-        self.slot_version = 0        # bumped on every slot change, so fused groups know to re-sync
+        self.slot_version = 0        # bumped on every slot change
         # Which of the batch's tokens this module sees, when not all: the output head under
         # `logits_to_keep` (set by LoRAManager's hook on the model's forward).
         self.token_index: torch.Tensor | None = None
@@ -83,7 +83,7 @@ class _MultiLoRA(nn.Module):
         if self.token_pos is not None:
             self.token_pos[slot] = -1
         self.slots_used.discard(slot)
-        self.slot_version += 1
+        self._slots_changed()
 
     def set_slot(self, slot: int, delta: ModuleDelta | None) -> None:
         """Put one adapter's change to this module in `slot` (None: the adapter leaves it unchanged)."""
@@ -101,7 +101,13 @@ class _MultiLoRA(nn.Module):
             if delta.full_bias is not None:
                 self.full[slot]["bias"] = delta.full_bias.to(dev, dt)
         self.slots_used.add(slot)
+        self._slots_changed()
+
+    def _slots_changed(self) -> None:
         self.slot_version += 1
+        group = getattr(self, "group", None)
+        if group is not None:       # a fused.ProjectionGroup rebuilds its stacks before the next forward
+            group.stale = True
 
     def _lora_delta(self, a_rows: torch.Tensor, rows: SlotRows) -> torch.Tensor:
         """Scaled B(A x) for each row under its own slot (zero for base rows); `a_rows` [T, L, r] is A x

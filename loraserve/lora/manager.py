@@ -98,7 +98,9 @@ class LoRAManager:
 
     def __init__(self, model: nn.Module, max_loras: int, max_lora_rank: int | None = None,
                  device: torch.device | str | None = None, dtype: torch.dtype | None = None,
-                 max_cpu_loras: int | None = None) -> None:
+                 max_cpu_loras: int | None = None, kernel: object | None = None) -> None:
+        """`kernel`: the C++ multi-LoRA kernel (model.kernels.multi_lora()) for the projection groups, or
+        None to apply LoRA with PyTorch matmuls."""
         if max_loras < 1:
             raise ValueError("max_loras must be at least 1")
         if max_cpu_loras is not None and max_cpu_loras < max_loras:
@@ -121,6 +123,7 @@ class LoRAManager:
         self._served: dict[str, _Entry] = {}                       # by name; replaced, never mutated
         self._recent: OrderedDict[int, None] = OrderedDict()  # resident slots, least recently used first
         self._loads = 0
+        self.kernel = kernel
         self.wrap(model)
 
     def wrap(self, model: nn.Module) -> int:
@@ -136,7 +139,7 @@ class LoRAManager:
             layer = cls(module, self.max_loras).to(self.device)
             setattr(parent, attr, layer)
             self.layers[name] = layer
-        link_projection_groups(model)
+        link_projection_groups(model, self.kernel)
         head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
         if isinstance(head, MultiLoRALinear):
             model.register_forward_pre_hook(partial(_note_kept_tokens, head), with_kwargs=True)

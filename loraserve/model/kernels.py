@@ -21,6 +21,9 @@ CSRC = Path(__file__).parent / "csrc"
 # here depends on infinities or NaNs, and the flags are not passed to the linker (no fast-math runtime).
 CFLAGS = ["-O3", "-march=native", "-fno-math-errno", "-fassociative-math", "-fno-signed-zeros",
           "-fno-trapping-math"]
+# The multi-LoRA kernel blocks rows that share an adapter and must give each row the same bits either
+# way, so the compiler may not reorder its sums: it spells out its SIMD and only fuses a*b+c into FMAs.
+CFLAGS_EXACT = ["-O3", "-march=native", "-ffp-contract=fast"]
 
 
 def _cpu_flags() -> str:
@@ -31,16 +34,27 @@ def _cpu_flags() -> str:
     return next((line for line in lines if line.startswith(("flags", "Features"))), os.uname().machine)
 
 
+def _build(name: str, purpose: str, cflags: list[str]) -> object | None:
+    """Compile (or load the cached build of) csrc/NAME.cpp; None, logged, where it cannot be built."""
+    from torch.utils import cpp_extension
+    source = CSRC / f"{name}.cpp"
+    digest = hashlib.sha256(source.read_bytes() + _cpu_flags().encode() + torch.__version__.encode()
+                            + " ".join(cflags).encode()).hexdigest()[:12]
+    try:
+        return cpp_extension.load(f"loraserve_{name}_{digest}", [str(source)], extra_cflags=cflags)
+    except Exception as e:    # no compiler, no ninja, headers missing: the PyTorch path still works
+        log.warning("CPU %s kernel not built (%s: %s); %s uses the PyTorch path", name, type(e).__name__,
+                    str(e).splitlines()[0] if str(e) else "", purpose)
+        return None
+
+
 @functools.cache
 def paged_attention() -> object | None:
     """The compiled module with `paged_decode_attention`, or None (logged) where it cannot be built."""
-    from torch.utils import cpp_extension
-    source = CSRC / "paged_attention.cpp"
-    digest = hashlib.sha256(source.read_bytes() + _cpu_flags().encode() + torch.__version__.encode()
-                            + " ".join(CFLAGS).encode()).hexdigest()[:12]
-    try:
-        return cpp_extension.load(f"loraserve_paged_attention_{digest}", [str(source)], extra_cflags=CFLAGS)
-    except Exception as e:    # no compiler, no ninja, headers missing: the PyTorch path still works
-        log.warning("CPU attention kernel not built (%s: %s); decode attention uses the PyTorch path",
-                    type(e).__name__, str(e).splitlines()[0] if str(e) else "")
-        return None
+    return _build("paged_attention", "decode attention", CFLAGS)
+
+
+@functools.cache
+def multi_lora() -> object | None:
+    """The compiled module with `multi_lora_apply`, or None (logged) where it cannot be built."""
+    return _build("multi_lora", "multi-LoRA", CFLAGS_EXACT)
