@@ -109,7 +109,8 @@ def test_a_kernel_that_cannot_be_built_is_logged_and_the_engine_keeps_pytorch(mo
     try:
         with caplog.at_level("WARNING", logger="loraserve.model.kernels"):
             assert kernels.paged_attention() is None
-        assert "CPU paged_attention kernel not built (RuntimeError: Error building extension: c++: not found)" in caplog.text
+        want = "CPU paged_attention kernel not built (RuntimeError: Error building extension: c++: not found)"
+        assert want in caplog.text
         assert "PyTorch path" in caplog.text
     finally:
         kernels.paged_attention.cache_clear()     # the next caller builds (or loads) the real one again

@@ -12,15 +12,18 @@ from safetensors.torch import load_file, save_file
 
 from lora_fixtures import base_logits, make_adapter, mixed_logits, peft_logits, tiny_model
 from loraserve.lora import LoRAManager
+from loraserve.model import kernels
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning", "ignore::FutureWarning")
 TOL = 1e-4
 
 
-def assert_parity(base: torch.nn.Module, paths: list[Path], plan: list[int], seq_len: int = 6) -> LoRAManager:
-    """`plan[i]` is the index into `paths` that row i uses, or -1 for the base model."""
+def assert_parity(base: torch.nn.Module, paths: list[Path], plan: list[int], seq_len: int = 6,
+                  kernel: object | None = None) -> LoRAManager:
+    """`plan[i]` is the index into `paths` that row i uses, or -1 for the base model. `kernel`: the C++
+    multi-LoRA kernel for the projection groups (None: PyTorch matmuls)."""
     served = copy.deepcopy(base)
-    manager = LoRAManager(served, max_loras=4)
+    manager = LoRAManager(served, max_loras=4, kernel=kernel)
     slots = []
     for i, path in enumerate(paths):
         manager.load(f"a{i}", str(path))
@@ -40,23 +43,50 @@ def assert_parity(base: torch.nn.Module, paths: list[Path], plan: list[int], seq
     return manager
 
 
+class CountingKernel:
+    """The real kernel, counting its calls: proves the adapter rows went through it."""
+
+    def __init__(self, kernel) -> None:
+        self.kernel, self.calls = kernel, 0
+
+    def b_pairs(self, like):
+        return self.kernel.b_pairs(like)
+
+    def multi_lora_apply(self, *args):
+        self.calls += 1
+        return self.kernel.multi_lora_apply(*args)
+
+
+@pytest.fixture(params=["torch-lora", "cpp-lora"])
+def lora_kernel(request):
+    if request.param == "torch-lora":
+        yield None
+        return
+    kernel = kernels.multi_lora()
+    if kernel is None:
+        pytest.skip("no C++ compiler: the multi-LoRA kernel is not built")
+    counting = CountingKernel(kernel)
+    yield counting
+    assert counting.calls > 0
+
+
 @pytest.mark.parametrize("arch", ["llama", "qwen2", "qwen3", "gemma3", "gemma4"])
-def test_mixed_batch_matches_peft(arch: str, tmp_path: Path) -> None:
+def test_mixed_batch_matches_peft(arch: str, tmp_path: Path, lora_kernel) -> None:
     base = tiny_model(arch)
     paths = [
         make_adapter(base, tmp_path / "a", seed=1, r=4, lora_alpha=8, target_modules=["q_proj", "o_proj"]),
         make_adapter(base, tmp_path / "b", seed=2, r=8, lora_alpha=16, use_rslora=True, target_modules="all-linear"),
         make_adapter(base, tmp_path / "c", seed=3, r=2, lora_alpha=5, target_modules=r".*\.mlp\.(up|down)_proj"),
     ]
-    assert_parity(base, paths, [0, -1, 1, 2, -1, 0])
+    assert_parity(base, paths, [0, -1, 1, 2, -1, 0], kernel=lora_kernel)
 
 
-def test_rank_and_alpha_pattern(tmp_path: Path) -> None:
+def test_rank_and_alpha_pattern(tmp_path: Path, lora_kernel) -> None:
     base = tiny_model()
     path = make_adapter(base, tmp_path / "a", r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"],
                         rank_pattern={"layers.1.self_attn.q_proj": 8, "down_proj": 2},
                         alpha_pattern={"v_proj": 3, r"layers\.0\.mlp\.down_proj": 32})
-    manager = assert_parity(base, [path], [0, -1])
+    manager = assert_parity(base, [path], [0, -1], kernel=lora_kernel)
     assert manager.reports["a0"].ranks == [2, 4, 8]
     assert manager.reports["a0"].alphas == [3, 8, 32]
 

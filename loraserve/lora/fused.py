@@ -88,8 +88,9 @@ class ProjectionGroup(SiblingGroup):
         cols = [sum(self.outs[:g]) for g in range(len(self.members))]
         lora = [(m, c) for m, c in zip(self.members, cols) if m.slots_used and m.lora_a.shape[1]]
         self.lora_member = lora[0][0] if lora else None
-        self.kernel_args = ([m.lora_a for m, _ in lora], [column_tiles(m.lora_bt) for m, _ in lora],
-                            [c for _, c in lora], [m.out_features for m, _ in lora])
+        tiles = [column_tiles(m.lora_bt, self.kernel.b_pairs(m.lora_bt)) for m, _ in lora]
+        self.kernel_args = ([m.lora_a for m, _ in lora], tiles, [c for _, c in lora],
+                            [m.out_features for m, _ in lora])
 
     def _sync_stacks(self) -> None:
         rank = max(m.lora_a.shape[1] for m in self.members)
@@ -133,12 +134,17 @@ class ProjectionGroup(SiblingGroup):
         return [o.view(*shape, -1) for o in outs]
 
 
-def column_tiles(bt: torch.Tensor, width: int = KERNEL_TILE) -> torch.Tensor:
+def column_tiles(bt: torch.Tensor, pairs: bool, width: int = KERNEL_TILE) -> torch.Tensor:
     """[L, r, out] -> [L, ceil(out / width), r, width], zero-padded: each tile of `width` output columns
-    holds all r rows contiguously, so the kernel's up-projection reads one stream instead of r."""
+    holds all r rows contiguously, so the kernel's up-projection reads one stream instead of r. With
+    `pairs` (the kernel's bf16 dot product), rows k and k+1 are interleaved: [.., ceil(r / 2), width, 2]."""
     L, r, out = bt.shape
     n = -(-out // width)
-    return F.pad(bt, (0, n * width - out)).view(L, r, n, width).permute(0, 2, 1, 3).contiguous()
+    t = F.pad(bt, (0, n * width - out)).view(L, r, n, width).permute(0, 2, 1, 3)
+    if not pairs:
+        return t.contiguous()
+    t = F.pad(t, (0, 0, 0, r % 2))                         # an odd rank gets a zero partner row
+    return t.reshape(L, n, -1, 2, width).transpose(3, 4).contiguous()
 
 
 def link_projection_groups(model: nn.Module, kernel: object | None = None) -> list[ProjectionGroup]:

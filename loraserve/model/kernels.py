@@ -19,11 +19,13 @@ log = logging.getLogger(__name__)
 CSRC = Path(__file__).parent / "csrc"
 # -O3 and the float-reassociation flags let the compiler vectorize the dot products and sums; nothing
 # here depends on infinities or NaNs, and the flags are not passed to the linker (no fast-math runtime).
-CFLAGS = ["-O3", "-march=native", "-fno-math-errno", "-fassociative-math", "-fno-signed-zeros",
+# -fopenmp: at::parallel_for splits work over torch's threads only when compiled with OpenMP (without it
+# the pragma is ignored and the kernel runs on one thread); the library then uses torch's own libgomp.
+CFLAGS = ["-O3", "-march=native", "-fopenmp", "-fno-math-errno", "-fassociative-math", "-fno-signed-zeros",
           "-fno-trapping-math"]
 # The multi-LoRA kernel blocks rows that share an adapter and must give each row the same bits either
 # way, so the compiler may not reorder its sums: it spells out its SIMD and only fuses a*b+c into FMAs.
-CFLAGS_EXACT = ["-O3", "-march=native", "-ffp-contract=fast"]
+CFLAGS_EXACT = ["-O3", "-march=native", "-fopenmp", "-ffp-contract=fast"]
 
 
 def _cpu_flags() -> str:
@@ -39,9 +41,10 @@ def _build(name: str, purpose: str, cflags: list[str]) -> object | None:
     from torch.utils import cpp_extension
     source = CSRC / f"{name}.cpp"
     digest = hashlib.sha256(source.read_bytes() + _cpu_flags().encode() + torch.__version__.encode()
-                            + " ".join(cflags).encode()).hexdigest()[:12]
+                            + " ".join(cflags + ["ld", "-fopenmp"]).encode()).hexdigest()[:12]
     try:
-        return cpp_extension.load(f"loraserve_{name}_{digest}", [str(source)], extra_cflags=cflags)
+        return cpp_extension.load(f"loraserve_{name}_{digest}", [str(source)], extra_cflags=cflags,
+                                  extra_ldflags=["-fopenmp"])
     except Exception as e:    # no compiler, no ninja, headers missing: the PyTorch path still works
         log.warning("CPU %s kernel not built (%s: %s); %s uses the PyTorch path", name, type(e).__name__,
                     str(e).splitlines()[0] if str(e) else "", purpose)

@@ -3,11 +3,18 @@
 //
 // The PyTorch path multiplies every row by every slot's A and B and masks out the other slots: with 8
 // adapters of rank 16 that is ~37% more FLOPs than the base model and 7 extra GEMMs per layer, each with
-// ~20 us of fixed cost on a CPU at decode batch sizes. Here one call per group walks the rows, reads
-// only the row's own adapter (a second row of the same adapter finds it in cache) and does ~5% of the
-// base FLOPs. Each row is computed on its own, in the same order whatever else is in the batch, so a
-// row's result never depends on its neighbours; base rows (slot < 0) are not touched at all.
-// Built by model/kernels.py with torch's cpp_extension.
+// ~20 us of fixed cost on a CPU at decode batch sizes. Here one call per group does ~5% of the base
+// FLOPs and reads each adapter in the batch once:
+//   - rows are grouped by slot into blocks of 8, 4, 2 or 1, so a block shares each load of A and B;
+//   - members are walked one at a time and, within one, slot after slot: each member's A and B stacks
+//     are read front to back, with software prefetch far enough ahead to cover memory latency (at
+//     decode the kernel is bound by reading the adapters: 78 MB a step for 8 SmolLM2 adapters);
+//   - B is passed in tiles of 16 output columns (lora/fused.py column_tiles), one contiguous stream;
+//   - bf16 on CPUs with AVX512-BF16 multiplies with vdpbf16ps, with h = A x rounded to bf16 as PEFT's
+//     bf16 lora_A output is; float32 (and bf16 elsewhere) widens to float32 and uses FMAs.
+// Each row has its own accumulators and sees the same operations in the same order whatever block it
+// is in, so a row's result never depends on its neighbours (tests/test_multi_lora_kernel.py checks it);
+// base rows (slot < 0) are not touched at all. Built by model/kernels.py with torch's cpp_extension.
 
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
@@ -15,7 +22,11 @@
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
 #include <vector>
+#if defined(__AVX512BF16__)
+#include <immintrin.h>
+#endif
 
 namespace {
 
@@ -23,7 +34,7 @@ namespace {
 // model/kernels.py): every row's sums run in exactly the order written here, whether the row is alone
 // or processed in a block with others, so blocking rows for speed cannot change a row's result.
 constexpr int W = 16;
-constexpr int64_t PREFETCH = 128;   // elements ahead of the current load that each stream asks for
+constexpr int64_t PREFETCH = 4096;   // elements ahead of the current load that each stream asks for
 using vf = float __attribute__((vector_size(4 * W)));
 using vu32 = uint32_t __attribute__((vector_size(4 * W)));
 using vu16 = uint16_t __attribute__((vector_size(2 * W)));
@@ -55,6 +66,11 @@ inline vf load_partial(const T* p, int64_t n) {
 inline void store(float* p, vf v) { std::memcpy(p, &v, sizeof v); }
 
 inline void store(at::BFloat16* p, vf v) {
+#if defined(__AVX512BF16__)
+  // One instruction: round to nearest even (float32 denormals, below 1.2e-38, become zero).
+  const __m256bh half = _mm512_cvtneps_pbh(v);
+  std::memcpy(p, &half, sizeof half);
+#else
   // Round to nearest even, as torch does; NaN stays NaN.
   vu32 u;
   std::memcpy(&u, &v, sizeof u);
@@ -62,6 +78,7 @@ inline void store(at::BFloat16* p, vf v) {
   r = (v != v) ? vu32{} + 0x7fc0u : r;
   const vu16 half = __builtin_convertvector(r, vu16);
   std::memcpy(p, &half, sizeof half);
+#endif
 }
 
 template <typename T>
@@ -81,18 +98,17 @@ inline float hsum(vf v) {
   return (b[0] + b[2]) + (b[1] + b[3]);
 }
 
-// NB rows that use the same adapter: y[n] += Bt^T (A x[n]) for one member. xs[n] are the rows' inputs
-// in float32, zero-padded to a multiple of W; h is scratch for NB * r values. Each row has its own
-// accumulators and sees the same sequence of operations for every NB.
+// Down-projection for NB rows that use the same adapter: h[n][k] = A[k] . x[n]. xs[n] are the rows'
+// inputs in float32, zero-padded to a multiple of W. Each row has its own accumulators and sees the
+// same sequence of operations for every NB.
 template <typename T, int NB>
-void block_delta(const float* const* xs, int64_t in, const T* a, const T* bt, int64_t r, int64_t out,
-                 T* const* ys, float* h) {
+void down_proj(const float* const* xs, int64_t in, const T* a, int64_t r, float* h) {
   const int64_t full = in / W * W;
-  for (int64_t k = 0; k < r; ++k) {                  // down-projection: h[n][k] = A[k] . x[n]
+  for (int64_t k = 0; k < r; ++k) {
     const T* ak = a + k * in;
     vf acc[NB] = {};
     for (int64_t i = 0; i < full; i += W) {
-      __builtin_prefetch(ak + i + PREFETCH);
+      __builtin_prefetch(ak + i + PREFETCH, 0, 1);
       const vf av = load(ak + i);
       for (int n = 0; n < NB; ++n) acc[n] += load(xs[n] + i) * av;
     }
@@ -102,13 +118,125 @@ void block_delta(const float* const* xs, int64_t in, const T* a, const T* bt, in
     }
     for (int n = 0; n < NB; ++n) h[n * r + k] = hsum(acc[n]);
   }
+}
+
+#if defined(__AVX512BF16__) && !defined(NO_DOT)
+// bf16 inputs on CPUs with AVX512-BF16: vdpbf16ps multiplies pairs of bf16 (exactly) and adds them into
+// float32 lanes, reading x and A as they are (no widening). xs[n] point at the rows of x itself.
+//
+// One accumulator chain per (row, rank) in the down-projection and per (row, tile) in the up-projection;
+// several chains run side by side (KB ranks or tiles at once) because a lone chain waits on the latency
+// of each vdpbf16ps. Every chain sees the same operations in the same order however many run beside
+// it, so grouping never changes a row's result.
+constexpr int chains(int nb) { return nb >= 8 ? 1 : 8 / nb; }
+
+// h for ranks k0..k0+KB-1, written as bf16 (rounded, as PEFT's bf16 lora_A output is) at
+// hb[n * 2 * ceil(r / 2) + k]: the up-projection reads them in pairs.
+template <int NB, int KB>
+void down_ranks(const at::BFloat16* const* xs, int64_t in, const at::BFloat16* a, int64_t k0, int64_t pairs,
+                uint16_t* hb) {
+  constexpr int64_t P = 2 * W;                       // bf16 elements per vector
+  const int64_t full = in / P * P;
+  const __mmask32 tail = static_cast<__mmask32>((1ull << (in - full)) - 1);
+  __m512 acc[NB][KB];
+  for (int n = 0; n < NB; ++n)
+    for (int q = 0; q < KB; ++q) acc[n][q] = _mm512_setzero_ps();
+  for (int64_t i = 0; i < full; i += P) {
+    __m512bh av[KB];
+    for (int q = 0; q < KB; ++q) {
+      __builtin_prefetch(a + (k0 + q) * in + i + PREFETCH, 0, 1);
+      av[q] = (__m512bh)_mm512_loadu_si512(a + (k0 + q) * in + i);
+    }
+    for (int n = 0; n < NB; ++n) {
+      const __m512bh xv = (__m512bh)_mm512_loadu_si512(xs[n] + i);
+      for (int q = 0; q < KB; ++q) acc[n][q] = _mm512_dpbf16_ps(acc[n][q], xv, av[q]);
+    }
+  }
+  if (full < in) {
+    for (int n = 0; n < NB; ++n) {
+      const __m512bh xv = (__m512bh)_mm512_maskz_loadu_epi16(tail, xs[n] + full);
+      for (int q = 0; q < KB; ++q)
+        acc[n][q] = _mm512_dpbf16_ps(acc[n][q], xv, (__m512bh)_mm512_maskz_loadu_epi16(tail, a + (k0 + q) * in + full));
+    }
+  }
+  for (int n = 0; n < NB; ++n)
+    for (int q = 0; q < KB; ++q) {
+      hb[n * pairs * 2 + k0 + q] = at::BFloat16(hsum(acc[n][q])).x;   // __m512 is a vf: no copy
+    }
+}
+
+template <int NB>
+void down_proj(const at::BFloat16* const* xs, int64_t in, const at::BFloat16* a, int64_t r, float* h) {
+  constexpr int KB = chains(NB);
+  const int64_t pairs = (r + 1) / 2;
+  uint16_t* hb = reinterpret_cast<uint16_t*>(h);
+  int64_t k = 0;
+  for (; k + KB <= r; k += KB) down_ranks<NB, KB>(xs, in, a, k, pairs, hb);
+  for (; k < r; ++k) down_ranks<NB, 1>(xs, in, a, k, pairs, hb);
+  if (r % 2)
+    for (int n = 0; n < NB; ++n) hb[n * pairs * 2 + r] = 0;   // the odd rank's missing partner
+}
+
+// Up-projection for tiles t0..t0+TB-1 with vdpbf16ps: h comes as bf16 pairs and each tile holds B in
+// pairs of rows, [ceil(r / 2), W, 2] (an odd rank's last pair padded with zeros), so one instruction
+// adds two ranks' products.
+template <int NB, int TB>
+void up_tiles(const char* hp, const at::BFloat16* bt, int64_t pairs, int64_t out, int64_t t0,
+              at::BFloat16* const* ys) {
+  __m512 acc[NB][TB];
+  for (int n = 0; n < NB; ++n)
+    for (int q = 0; q < TB; ++q) acc[n][q] = _mm512_setzero_ps();
+  for (int64_t p = 0; p < pairs; ++p) {
+    __m512bh bv[TB];
+    for (int q = 0; q < TB; ++q) {
+      const at::BFloat16* bq = bt + ((t0 + q) * pairs + p) * 2 * W;
+      __builtin_prefetch(bq + PREFETCH, 0, 1);
+      bv[q] = (__m512bh)_mm512_loadu_si512(bq);
+    }
+    for (int n = 0; n < NB; ++n) {
+      int32_t pair;
+      std::memcpy(&pair, hp + (n * pairs + p) * 4, 4);
+      const __m512bh hv = (__m512bh)_mm512_set1_epi32(pair);
+      for (int q = 0; q < TB; ++q) acc[n][q] = _mm512_dpbf16_ps(acc[n][q], hv, bv[q]);
+    }
+  }
+  // One rounding, as a GEMM that adds into its output does: the base value plus the delta.
+  for (int n = 0; n < NB; ++n)
+    for (int q = 0; q < TB; ++q) {
+      const int64_t j = (t0 + q) * W, w = std::min<int64_t>(W, out - j);
+      const vf v = acc[n][q];
+      if (w == W) {
+        store(ys[n] + j, load(ys[n] + j) + v);
+      } else {
+        store_partial(ys[n] + j, load_partial(ys[n] + j, w) + v, w);
+      }
+    }
+}
+
+template <int NB>
+void up_proj(const float* h, const at::BFloat16* bt, int64_t r, int64_t out, at::BFloat16* const* ys) {
+  constexpr int TB = chains(NB);
+  const int64_t pairs = (r + 1) / 2, tiles = (out + W - 1) / W;
+  const char* hp = reinterpret_cast<const char*>(h);  // the down-projection's bf16 pairs
+  int64_t t = 0;
+  for (; t + TB <= tiles; t += TB) up_tiles<NB, TB>(hp, bt, pairs, out, t, ys);
+  for (; t < tiles; ++t) up_tiles<NB, 1>(hp, bt, pairs, out, t, ys);
+}
+constexpr bool kBf16Dot = true;
+#else
+constexpr bool kBf16Dot = false;
+#endif
+
+// Up-projection for the same rows: y[n] += Bt^T h[n], W output columns at a time, rounded once.
+template <typename T, int NB>
+void up_proj(const float* h, const T* bt, int64_t r, int64_t out, T* const* ys) {
   const int64_t tiles = (out + W - 1) / W;
-  for (int64_t tile = 0; tile < tiles; ++tile) {     // up-projection, W output columns at a time
+  for (int64_t tile = 0; tile < tiles; ++tile) {
     const int64_t j = tile * W, w = std::min<int64_t>(W, out - j);
     const T* bj = bt + tile * r * W;                 // this tile's [r, W] block, contiguous
     vf acc[NB] = {};
     for (int64_t k = 0; k < r; ++k) {
-      __builtin_prefetch(bj + k * W + PREFETCH);
+      __builtin_prefetch(bj + k * W + PREFETCH, 0, 1);
       const vf bv = load(bj + k * W);
       for (int n = 0; n < NB; ++n) acc[n] += h[n * r + k] * bv;
     }
@@ -123,34 +251,59 @@ void block_delta(const float* const* xs, int64_t in, const T* a, const T* bt, in
   }
 }
 
-template <typename T>
-void block_delta_any(int nb, const float* const* xs, int64_t in, const T* a, const T* bt, int64_t r,
+// One member's delta for a block of NB rows. X is float (inputs widened) or T itself (bf16 dot).
+template <typename T, typename X, int NB>
+void block_delta(const X* const* xs, int64_t in, const T* a, const T* bt, int64_t r, int64_t out,
+                 T* const* ys, float* h) {
+  if constexpr (std::is_same_v<X, float>) {
+    down_proj<T, NB>(xs, in, a, r, h);
+    up_proj<T, NB>(h, bt, r, out, ys);
+  } else {
+    down_proj<NB>(xs, in, a, r, h);
+    up_proj<NB>(h, bt, r, out, ys);
+  }
+}
+
+template <typename T, typename X>
+void block_delta_any(int nb, const X* const* xs, int64_t in, const T* a, const T* bt, int64_t r,
                      int64_t out, T* const* ys, float* h) {
   switch (nb) {
-    case 8: return block_delta<T, 8>(xs, in, a, bt, r, out, ys, h);
-    case 4: return block_delta<T, 4>(xs, in, a, bt, r, out, ys, h);
-    case 2: return block_delta<T, 2>(xs, in, a, bt, r, out, ys, h);
-    default: return block_delta<T, 1>(xs, in, a, bt, r, out, ys, h);
+    case 8: return block_delta<T, X, 8>(xs, in, a, bt, r, out, ys, h);
+    case 4: return block_delta<T, X, 4>(xs, in, a, bt, r, out, ys, h);
+    case 2: return block_delta<T, X, 2>(xs, in, a, bt, r, out, ys, h);
+    default: return block_delta<T, X, 1>(xs, in, a, bt, r, out, ys, h);
   }
 }
 
 struct Block {
   int64_t slot;
-  std::vector<int64_t> rows;   // 1, 2, 4 or 8 rows of that slot
+  int nb;                      // 1, 2, 4 or 8 rows of that slot
+  int64_t rows[8];
 };
 
-// Rows grouped by slot, in blocks of 8, 4, 2 and 1 (base rows left out).
-std::vector<Block> make_blocks(const int64_t* slots, int64_t n_rows, int64_t num_slots) {
-  std::vector<std::vector<int64_t>> by_slot(num_slots);
+// Rows grouped by slot, in blocks of 8, 4, 2 and 1 (base rows left out). The buffers are reused from
+// call to call: small allocations on every call would cut up the large free chunks the next step's
+// activations need, and glibc would grow the heap (page faults) instead of reusing them.
+const std::vector<Block>& make_blocks(const int64_t* slots, int64_t n_rows, int64_t num_slots) {
+  static thread_local std::vector<int64_t> start, order;
+  static thread_local std::vector<Block> blocks;
+  start.assign(num_slots + 1, 0);
   for (int64_t t = 0; t < n_rows; ++t)
-    if (slots[t] >= 0) by_slot[slots[t]].push_back(t);
-  std::vector<Block> blocks;
+    if (slots[t] >= 0) ++start[slots[t] + 1];
+  for (int64_t s = 0; s < num_slots; ++s) start[s + 1] += start[s];
+  order.resize(start[num_slots]);
+  std::vector<int64_t>& next = start;                // counting sort, rows in order within each slot
+  for (int64_t t = 0; t < n_rows; ++t)
+    if (slots[t] >= 0) order[next[slots[t]]++] = t;  // leaves next[s] at the end of slot s
+  blocks.clear();
+  int64_t i = 0;
   for (int64_t s = 0; s < num_slots; ++s) {
-    const auto& rows = by_slot[s];
-    for (size_t i = 0; i < rows.size();) {
-      size_t nb = 8;
-      while (nb > rows.size() - i) nb /= 2;
-      blocks.push_back({s, std::vector<int64_t>(rows.begin() + i, rows.begin() + i + nb)});
+    while (i < next[s]) {
+      int nb = 8;
+      while (nb > next[s] - i) nb /= 2;
+      Block blk{s, nb, {}};
+      std::copy(order.begin() + i, order.begin() + i + nb, blk.rows);
+      blocks.push_back(blk);
       i += nb;
     }
   }
@@ -166,32 +319,55 @@ void apply_blocks(const at::Tensor& x, const std::vector<Block>& blocks, const s
   T* yp = y.data_ptr<T>();
   int64_t rank = 0;
   for (const auto& ag : a) rank = std::max(rank, ag.size(1));
+  constexpr bool bf16_dot = kBf16Dot && std::is_same_v<T, at::BFloat16>;
   at::parallel_for(0, static_cast<int64_t>(blocks.size()), 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> xf(8 * in_pad, 0.f), h(8 * std::max<int64_t>(rank, 1));
+    // Widened inputs of this range's rows (float path only), 8 rows per block.
+    static thread_local std::vector<float> xf, h;      // reused: see make_blocks
+    xf.assign(bf16_dot ? 0 : (end - begin) * 8 * in_pad, 0.f);
+    h.resize(8 * std::max<int64_t>(rank, 1));
+    if constexpr (!bf16_dot) {
+      for (int64_t b = begin; b < end; ++b)
+        for (int n = 0; n < blocks[b].nb; ++n) {
+          const T* row = xp + blocks[b].rows[n] * in;
+          float* dst = xf.data() + ((b - begin) * 8 + n) * in_pad;
+          for (int64_t i = 0; i < in; ++i) dst[i] = static_cast<float>(row[i]);
+        }
+    }
     const float* xs[8];
+    const T* xr[8];
     T* ys[8];
-    for (int64_t b = begin; b < end; ++b) {
-      const Block& blk = blocks[b];
-      const int nb = static_cast<int>(blk.rows.size());
-      for (int n = 0; n < nb; ++n) {
-        const T* row = xp + blk.rows[n] * in;
-        float* dst = xf.data() + n * in_pad;
-        for (int64_t i = 0; i < in; ++i) dst[i] = static_cast<float>(row[i]);
-        xs[n] = dst;
-      }
-      for (size_t g = 0; g < a.size(); ++g) {
-        const int64_t r = a[g].size(1), out = outs[g];
-        for (int n = 0; n < nb; ++n) ys[n] = yp + blk.rows[n] * y_stride + cols[g];
-        block_delta_any<T>(nb, xs, in, a[g].data_ptr<T>() + blk.slot * r * in,
-                           bt[g].data_ptr<T>() + blk.slot * bt[g].stride(0), r, out, ys, h.data());
+    // Member by member, then slot by slot: each member's A and B stacks are read front to back, one
+    // stream the hardware prefetcher follows (the order cannot change any row's result).
+    for (size_t g = 0; g < a.size(); ++g) {
+      const int64_t r = a[g].size(1), out = outs[g];
+      for (int64_t b = begin; b < end; ++b) {
+        const Block& blk = blocks[b];
+        const int nb = blk.nb;
+        const T* ag = a[g].data_ptr<T>() + blk.slot * r * in;
+        const T* bg = bt[g].data_ptr<T>() + blk.slot * bt[g].stride(0);
+        for (int n = 0; n < nb; ++n) {
+          xr[n] = xp + blk.rows[n] * in;
+          xs[n] = xf.data() + ((b - begin) * 8 + n) * in_pad;
+          ys[n] = yp + blk.rows[n] * y_stride + cols[g];
+        }
+        if constexpr (bf16_dot) {
+          block_delta_any<T, T>(nb, xr, in, ag, bg, r, out, ys, h.data());
+        } else {
+          block_delta_any<T, float>(nb, xs, in, ag, bg, r, out, ys, h.data());
+        }
       }
     }
   });
 }
 
-// x [T, in]; token_slots [T] int64 (-1: base row); a[g] [L, r_g, in]; b[g] [L, ceil(out_g / 16), r_g, 16]:
-// the scaled B^T in tiles of 16 output columns, zero-padded (so the up-projection reads one contiguous
-// stream); y [T, >= cols[g] + outs[g]] is updated in place, member g at column cols[g].
+// Whether B tiles for tensors of this dtype hold pairs of rows (bf16 on CPUs with AVX512-BF16).
+bool b_pairs_for(at::ScalarType dtype) { return kBf16Dot && dtype == at::kBFloat16; }
+bool b_pairs(const at::Tensor& like) { return b_pairs_for(like.scalar_type()); }
+
+// x [T, in]; token_slots [T] int64 (-1: base row); a[g] [L, r_g, in]; b[g] [L, ceil(out_g / 16), r_g, 16]
+// (or [L, ceil(out_g / 16), ceil(r_g / 2), 16, 2] where b_pairs): the scaled B^T in tiles of 16 output
+// columns, zero-padded, so the up-projection reads one contiguous stream; y [T, >= cols[g] + outs[g]]
+// is updated in place, member g at column cols[g].
 void multi_lora_apply(const at::Tensor& x, const at::Tensor& token_slots, const std::vector<at::Tensor>& a,
                       const std::vector<at::Tensor>& b, at::Tensor y, const std::vector<int64_t>& cols,
                       const std::vector<int64_t>& outs) {
@@ -202,14 +378,17 @@ void multi_lora_apply(const at::Tensor& x, const at::Tensor& token_slots, const 
               "y must be [T, out] with unit column stride and x's dtype");
   TORCH_CHECK(a.size() == b.size() && a.size() == cols.size() && a.size() == outs.size(),
               "a, b, cols and outs need one entry per member");
+  const bool pairs = b_pairs_for(x.scalar_type());
   int64_t num_slots = -1;
   for (size_t g = 0; g < a.size(); ++g) {
     TORCH_CHECK(a[g].dim() == 3 && a[g].is_contiguous() && a[g].size(2) == x.size(1) &&
                 a[g].scalar_type() == x.scalar_type(), "a[", g, "] must be contiguous [L, r, in] in x's dtype");
-    TORCH_CHECK(b[g].dim() == 4 && b[g].is_contiguous() && b[g].size(0) == a[g].size(0) &&
-                b[g].size(1) == (outs[g] + W - 1) / W && b[g].size(2) == a[g].size(1) && b[g].size(3) == W &&
-                b[g].scalar_type() == x.scalar_type(), "b[", g, "] must be contiguous [L, ceil(out / 16), r, 16] "
-                "matching a[", g, "]");
+    const int64_t r = a[g].size(1), tiles = (outs[g] + W - 1) / W;
+    const bool ok = pairs ? b[g].dim() == 5 && b[g].size(2) == (r + 1) / 2 && b[g].size(3) == W && b[g].size(4) == 2
+                          : b[g].dim() == 4 && b[g].size(2) == r && b[g].size(3) == W;
+    TORCH_CHECK(ok && b[g].is_contiguous() && b[g].size(0) == a[g].size(0) && b[g].size(1) == tiles &&
+                b[g].scalar_type() == x.scalar_type(), "b[", g, "] must be contiguous ",
+                pairs ? "[L, ceil(out / 16), ceil(r / 2), 16, 2]" : "[L, ceil(out / 16), r, 16]", " matching a[", g, "]");
     TORCH_CHECK(cols[g] >= 0 && cols[g] + outs[g] <= y.size(1), "member ", g, " overruns y's columns");
     num_slots = num_slots < 0 ? a[g].size(0) : std::min(num_slots, a[g].size(0));
   }
@@ -220,7 +399,7 @@ void multi_lora_apply(const at::Tensor& x, const at::Tensor& token_slots, const 
     TORCH_CHECK(slots[t] < num_slots, "token ", t, " has slot ", slots[t], " of ", num_slots);
   if (a.empty()) return;
   pybind11::gil_scoped_release no_gil;   // pure arithmetic: let the HTTP thread run meanwhile
-  const std::vector<Block> blocks = make_blocks(slots, x.size(0), num_slots);
+  const std::vector<Block>& blocks = make_blocks(slots, x.size(0), num_slots);
   if (x.scalar_type() == at::kBFloat16) {
     apply_blocks<at::BFloat16>(x, blocks, a, b, y, cols, outs);
   } else {
@@ -232,4 +411,5 @@ void multi_lora_apply(const at::Tensor& x, const at::Tensor& token_slots, const 
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("multi_lora_apply", &multi_lora_apply, "y[t] += B_s A_s x[t] for each row t's own slot s, in place");
+  m.def("b_pairs", &b_pairs, "whether B tiles for tensors of this one's dtype hold pairs of rows");
 }

@@ -1,0 +1,119 @@
+"""The C++ multi-LoRA kernel (model/csrc/multi_lora.cpp) against a float64 reference written here: several
+members with their own ranks and column offsets, odd ranks, sizes that are not multiples of the vector
+width, base rows left untouched bit for bit; each row's result does not depend on the rows beside it
+(blocks of 1, 2, 4 and 8 rows of one adapter, any thread count); bad arguments are refused. The LoRA
+parity and isolation tests (test_lora_parity.py, test_engine_lora.py) run through it too."""
+
+import shutil
+
+import pytest
+import torch
+
+from loraserve.lora.fused import column_tiles
+from loraserve.model import kernels
+
+
+@pytest.fixture(scope="module")
+def kernel():
+    module = kernels.multi_lora()
+    if module is None:
+        if shutil.which("c++") or shutil.which("g++"):
+            pytest.fail("a C++ compiler is here but the kernel did not build: see the logged warning")
+        pytest.skip("no C++ compiler: LoRA uses its PyTorch path")
+    return module
+
+
+def members(in_dim: int, shapes: list[tuple[int, int]], slots: int, dtype: torch.dtype, seed: int = 0):
+    """Per member (rank, out): A [L, r, in] and scaled B^T [L, r, out]."""
+    g = torch.Generator().manual_seed(seed)
+    return [(torch.randn(slots, r, in_dim, generator=g).to(dtype) * 0.2,
+             torch.randn(slots, r, out, generator=g).to(dtype) * 0.2) for r, out in shapes]
+
+
+def apply(kernel, x, token_slots, mems, y):
+    """Run the kernel on a copy of y; the members sit side by side in y's columns."""
+    out = y.clone()
+    cols = [sum(b.shape[2] for _, b in mems[:g]) for g in range(len(mems))]
+    tiles = [column_tiles(b, kernel.b_pairs(b)) for _, b in mems]
+    kernel.multi_lora_apply(x, token_slots, [a for a, _ in mems], tiles, out, cols, [b.shape[2] for _, b in mems])
+    return out
+
+
+def reference(x, token_slots, mems, y):
+    out, col = y.double().clone(), 0
+    for a, b in mems:
+        for t, s in enumerate(token_slots.tolist()):
+            if s >= 0:
+                out[t, col:col + b.shape[2]] += (x[t].double() @ a[s].double().t()) @ b[s].double()
+        col += b.shape[2]
+    return out
+
+
+# in=40 and out=24 leave partial vectors; rank 3 is odd (bf16 pairs a zero row with it).
+SHAPES = [(4, 40), (3, 24), (8, 16)]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("in_dim", [40, 64])
+def test_matches_float64_reference_and_leaves_base_rows_alone(kernel, dtype, in_dim):
+    torch.manual_seed(0)
+    token_slots = torch.tensor([0, -1, 2, 1, 1, -1, 0, 2, 2, 2, 2, 2])
+    mems = members(in_dim, SHAPES, slots=3, dtype=dtype)
+    x = torch.randn(len(token_slots), in_dim).to(dtype)
+    y = torch.randn(len(token_slots), sum(o for _, o in SHAPES) + 5).to(dtype)   # 5 columns no member owns
+    got = apply(kernel, x, token_slots, mems, y)
+    want = reference(x, token_slots, mems, y)
+    base = token_slots < 0
+    assert torch.equal(got[base], y[base])                       # not touched at all
+    assert torch.equal(got[:, -5:], y[:, -5:])
+    if dtype == torch.float32:
+        assert (got.double() - want).abs().max() < 1e-5
+    else:
+        # bf16: one rounding of the output (half an ulp) plus h rounded to bf16 on the way.
+        assert ((got.double() - want).abs() / want.abs().clamp(min=1)).max() < 2e-2
+        assert not torch.equal(got[~base], y[~base])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("threads", [1, 2])
+def test_each_row_is_the_same_whatever_shares_its_batch(kernel, dtype, threads):
+    """17 rows of slot 1 are split into blocks of 8, 8 and 1; each must equal that row run alone."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        torch.manual_seed(1)
+        token_slots = torch.tensor([1] * 9 + [0, -1, 2] + [1] * 8 + [0, 0, 0])
+        mems = members(72, [(16, 48), (5, 40)], slots=3, dtype=dtype, seed=2)
+        x = torch.randn(len(token_slots), 72).to(dtype)
+        y = torch.randn(len(token_slots), 88).to(dtype)
+        together = apply(kernel, x, token_slots, mems, y)
+        for t in range(len(token_slots)):
+            alone = apply(kernel, x[t:t + 1].clone(), token_slots[t:t + 1].clone(), mems, y[t:t + 1].clone())
+            assert torch.equal(together[t], alone[0]), f"row {t} changed with its neighbours"
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_column_tiles_layout():
+    bt = torch.arange(2 * 3 * 20, dtype=torch.float32).view(2, 3, 20)
+    t = column_tiles(bt, pairs=False)
+    assert t.shape == (2, 2, 3, 16)
+    assert torch.equal(t[1, 1, 2, :4], bt[1, 2, 16:20]) and not t[1, 1, 2, 4:].any()
+    p = column_tiles(bt, pairs=True)
+    assert p.shape == (2, 2, 2, 16, 2)
+    assert torch.equal(p[0, 0, 0, :, 0], bt[0, 0, :16]) and torch.equal(p[0, 0, 0, :, 1], bt[0, 1, :16])
+    assert torch.equal(p[0, 0, 1, :, 0], bt[0, 2, :16]) and not p[0, 0, 1, :, 1].any()   # rank 3's zero partner
+
+
+def test_bad_arguments_are_refused(kernel):
+    mems = members(32, [(4, 16)], slots=2, dtype=torch.float32)
+    x, y = torch.randn(3, 32), torch.randn(3, 16)
+    with pytest.raises(RuntimeError, match="has slot 2 of 2"):
+        apply(kernel, x, torch.tensor([0, 2, -1]), mems, y)
+    with pytest.raises(RuntimeError, match="x must be a contiguous"):
+        apply(kernel, x.t().contiguous().t(), torch.tensor([0, 1, -1]), mems, y)
+    with pytest.raises(RuntimeError, match="overruns y's columns"):
+        apply(kernel, x, torch.tensor([0, 1, -1]), mems, y[:, :8])
+    a, b = mems[0]
+    with pytest.raises(RuntimeError, match=r"b\[0\] must be contiguous"):
+        kernel.multi_lora_apply(x, torch.tensor([0, 1, -1]), [a], [b], y.clone(), [0], [16])
