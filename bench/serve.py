@@ -92,8 +92,11 @@ def benchmark(url: str, model: str, adapters: list[str], vocab_size: int, num_pr
     rng = random.Random(seed)
     # Stay clear of the special tokens that sit at the ends of most vocabularies.
     low, high = min(1000, vocab_size // 10), vocab_size - 1000
-    prompts = [[rng.randrange(low, high) for _ in range(input_len)] for _ in range(num_prompts + warmup)]
     models = adapters or [model]
+    # Warm every served model once (at least `warmup` requests): servers load adapters into their slots
+    # on first use, and that one-off cost is not throughput.
+    warmup = max(warmup, len(models)) if warmup else 0
+    prompts = [[rng.randrange(low, high) for _ in range(input_len)] for _ in range(num_prompts + warmup)]
     if warmup:
         asyncio.run(run(url, models, prompts[:warmup], 4, concurrency, api_key))
     results, wall = asyncio.run(run(url, models, prompts[warmup:], output_len, concurrency, api_key))

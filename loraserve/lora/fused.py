@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from loraserve.engine.context import get_context
 from loraserve.lora.layers import MultiLoRALinear
 from loraserve.model.cpu_gemm import PackedLinear, PackedWeight
 from loraserve.model.fused_linear import SIBLINGS, SiblingGroup, stack_rows
@@ -114,10 +115,15 @@ class ProjectionGroup(SiblingGroup):
         y = self.packed_w.linear(x2, self.w_cat, self.b_cat)
         shape = x.shape[:-1]
         if self.kernel is not None:
-            rows = self.lora_member._slot_rows(x2.shape[0]) if self.lora_member is not None else None
-            if rows is not None:   # y += each row's own delta, in place; base rows are not touched
-                self.kernel.multi_lora_apply(x2.contiguous(), rows.token_slots, *self.kernel_args[:2], y,
+            # The batch's token slots as they are: no per-step tensors derived from them here (small
+            # allocations made mid-forward fragment the heap the large activations come from).
+            lora = get_context().lora
+            if self.lora_member is not None and lora is not None and lora.any_lora:
+                # y += each row's own delta, in place; base rows are not touched.
+                self.kernel.multi_lora_apply(x2.contiguous(), lora.token_slots, *self.kernel_args[:2], y,
                                              *self.kernel_args[2:])
+            if len(self.outs) == 1:
+                return [y.view(*shape, -1)]
             return [o.contiguous().view(*shape, -1) for o in y.split(self.outs, dim=1)]
         out_dim = sum(self.outs)
         used = [m for m in self.members if m.slots_used]

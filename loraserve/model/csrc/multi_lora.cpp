@@ -108,7 +108,7 @@ void down_proj(const float* const* xs, int64_t in, const T* a, int64_t r, float*
     const T* ak = a + k * in;
     vf acc[NB] = {};
     for (int64_t i = 0; i < full; i += W) {
-      __builtin_prefetch(ak + i + PREFETCH, 0, 1);
+      __builtin_prefetch(ak + i + PREFETCH);
       const vf av = load(ak + i);
       for (int n = 0; n < NB; ++n) acc[n] += load(xs[n] + i) * av;
     }
@@ -144,7 +144,7 @@ void down_ranks(const at::BFloat16* const* xs, int64_t in, const at::BFloat16* a
   for (int64_t i = 0; i < full; i += P) {
     __m512bh av[KB];
     for (int q = 0; q < KB; ++q) {
-      __builtin_prefetch(a + (k0 + q) * in + i + PREFETCH, 0, 1);
+      __builtin_prefetch(a + (k0 + q) * in + i + PREFETCH);
       av[q] = (__m512bh)_mm512_loadu_si512(a + (k0 + q) * in + i);
     }
     for (int n = 0; n < NB; ++n) {
@@ -190,7 +190,7 @@ void up_tiles(const char* hp, const at::BFloat16* bt, int64_t pairs, int64_t out
     __m512bh bv[TB];
     for (int q = 0; q < TB; ++q) {
       const at::BFloat16* bq = bt + ((t0 + q) * pairs + p) * 2 * W;
-      __builtin_prefetch(bq + PREFETCH, 0, 1);
+      __builtin_prefetch(bq + PREFETCH);
       bv[q] = (__m512bh)_mm512_loadu_si512(bq);
     }
     for (int n = 0; n < NB; ++n) {
@@ -236,7 +236,7 @@ void up_proj(const float* h, const T* bt, int64_t r, int64_t out, T* const* ys) 
     const T* bj = bt + tile * r * W;                 // this tile's [r, W] block, contiguous
     vf acc[NB] = {};
     for (int64_t k = 0; k < r; ++k) {
-      __builtin_prefetch(bj + k * W + PREFETCH, 0, 1);
+      __builtin_prefetch(bj + k * W + PREFETCH);
       const vf bv = load(bj + k * W);
       for (int n = 0; n < NB; ++n) acc[n] += h[n * r + k] * bv;
     }
