@@ -47,9 +47,8 @@ class ProjectionGroup(SiblingGroup):
         self.b_cat: torch.Tensor | None = None
         # PyTorch path: per member [O_g, L*r], every slot's scaling * B.
         self.b_members: list[torch.Tensor] = []
-        # Kernel path: (A, B tiles, first column, width) of each member with LoRA, and one of them.
-        self.kernel_args: tuple[list, list, list, list] | None = None
-        self.lora_member: MultiLoRALinear | None = None
+        # Kernel path: the members with LoRA (their A, B tiles, first column and width) bound in C++.
+        self.kernel_group: object | None = None
         # oneDNN copies (CPU bf16, see cpu_gemm.py), packed once the slots have been stable for a while.
         self.packed_w = PackedWeight(SETTLE_CALLS)
         self.packed_b = [PackedWeight(SETTLE_CALLS) for _ in members]
@@ -88,10 +87,9 @@ class ProjectionGroup(SiblingGroup):
             self._stack_base(0)
         cols = [sum(self.outs[:g]) for g in range(len(self.members))]
         lora = [(m, c) for m, c in zip(self.members, cols) if m.slots_used and m.lora_a.shape[1]]
-        self.lora_member = lora[0][0] if lora else None
         tiles = [column_tiles(m.lora_bt, self.kernel.b_pairs(m.lora_bt)) for m, _ in lora]
-        self.kernel_args = ([m.lora_a for m, _ in lora], tiles, [c for _, c in lora],
-                            [m.out_features for m, _ in lora])
+        self.kernel_group = self.kernel.Group([m.lora_a for m, _ in lora], tiles, [c for _, c in lora],
+                                              [m.out_features for m, _ in lora]) if lora else None
 
     def _sync_stacks(self) -> None:
         rank = max(m.lora_a.shape[1] for m in self.members)
@@ -118,10 +116,9 @@ class ProjectionGroup(SiblingGroup):
             # The batch's token slots as they are: no per-step tensors derived from them here (small
             # allocations made mid-forward fragment the heap the large activations come from).
             lora = get_context().lora
-            if self.lora_member is not None and lora is not None and lora.any_lora:
+            if self.kernel_group is not None and lora is not None and lora.any_lora:
                 # y += each row's own delta, in place; base rows are not touched.
-                self.kernel.multi_lora_apply(x2.contiguous(), lora.token_slots, *self.kernel_args[:2], y,
-                                             *self.kernel_args[2:])
+                self.kernel_group.apply(x2.contiguous(), lora.token_slots, y)
             if len(self.outs) == 1:
                 return [y.view(*shape, -1)]
             return [o.contiguous().view(*shape, -1) for o in y.split(self.outs, dim=1)]

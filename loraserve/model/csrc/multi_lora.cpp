@@ -407,9 +407,24 @@ void multi_lora_apply(const at::Tensor& x, const at::Tensor& token_slots, const 
   }
 }
 
+// One projection group's adapters, bound once per slot change: each forward then passes only tensors,
+// so the call converts no Python lists (every allocation made mid-forward can split the large free
+// chunks that the next activations need, and the heap then grows, page fault by page fault).
+struct Group {
+  std::vector<at::Tensor> a, b;
+  std::vector<int64_t> cols, outs;
+  void apply(const at::Tensor& x, const at::Tensor& token_slots, at::Tensor y) const {
+    multi_lora_apply(x, token_slots, a, b, std::move(y), cols, outs);
+  }
+};
+
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  pybind11::class_<Group>(m, "Group")
+      .def(pybind11::init<std::vector<at::Tensor>, std::vector<at::Tensor>, std::vector<int64_t>, std::vector<int64_t>>(),
+           "a, b, cols, outs as multi_lora_apply takes them")
+      .def("apply", &Group::apply, "multi_lora_apply(x, token_slots, a, b, y, cols, outs) with the bound a, b, cols, outs");
   m.def("multi_lora_apply", &multi_lora_apply, "y[t] += B_s A_s x[t] for each row t's own slot s, in place");
   m.def("b_pairs", &b_pairs, "whether B tiles for tensors of this one's dtype hold pairs of rows");
 }
