@@ -52,9 +52,14 @@ class CountingKernel:
     def b_pairs(self, like):
         return self.kernel.b_pairs(like)
 
-    def multi_lora_apply(self, *args):
-        self.calls += 1
-        return self.kernel.multi_lora_apply(*args)
+    def Group(self, *bound):   # noqa: N802 - the kernel's class name
+        group, counter = self.kernel.Group(*bound), self
+
+        class Counted:
+            def apply(self, *args):
+                counter.calls += 1
+                return group.apply(*args)
+        return Counted()
 
 
 @pytest.fixture(params=["torch-lora", "cpp-lora"])
