@@ -75,8 +75,8 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
                    help="CPU bf16: do not keep oneDNN-packed copies of the linear weights (halves their "
                         "memory, decode steps ~20%% slower; results are bit-identical either way)")
     g.add_argument("--no-cpu-kernels", dest="cpu_kernels", action="store_false",
-                   help="CPU: do not build or use the C++ decode-attention kernel (built on first start, "
-                        "~20 s, then cached); decode attention then gathers K/V and runs PyTorch matmuls")
+                   help="CPU: do not build or use the C++ kernels for decode attention and multi-LoRA "
+                        "(built on first start, ~20 s each, then cached); PyTorch matmuls run instead")
     g.add_argument("--chat-template", default=None,
                    help="a Jinja chat template, or a file holding one, used instead of the tokenizer's own")
 
