@@ -3,11 +3,10 @@ here: GQA, head sizes with and without a compiled fast path, sliding windows, so
 lengths over scattered blocks; and each sequence's output does not depend on what else is in the batch.
 The engine-level parity tests (test_engine_parity.py) run through it too."""
 
-import shutil
-
 import pytest
 import torch
 
+from kernel_fixtures import built_or_skip
 from loraserve.model import kernels
 
 BS = 4
@@ -15,12 +14,7 @@ BS = 4
 
 @pytest.fixture(scope="module")
 def kernel():
-    module = kernels.paged_attention()
-    if module is None:
-        if shutil.which("c++") or shutil.which("g++"):
-            pytest.fail("a C++ compiler is here but the kernel did not build: see the logged warning")
-        pytest.skip("no C++ compiler: the engine uses its PyTorch path")
-    return module
+    return built_or_skip(kernels.paged_attention(), "the engine uses its PyTorch path")
 
 
 def reference(q, k_cache, v_cache, tables, lens, scale, softcap, window) -> torch.Tensor:

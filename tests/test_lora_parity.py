@@ -10,6 +10,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from kernel_fixtures import built_or_skip
 from lora_fixtures import base_logits, make_adapter, mixed_logits, peft_logits, tiny_model
 from loraserve.lora import LoRAManager
 from loraserve.model import kernels
@@ -67,10 +68,7 @@ def lora_kernel(request):
     if request.param == "torch-lora":
         yield None
         return
-    kernel = kernels.multi_lora()
-    if kernel is None:
-        pytest.skip("no C++ compiler: the multi-LoRA kernel is not built")
-    counting = CountingKernel(kernel)
+    counting = CountingKernel(built_or_skip(kernels.multi_lora(), "LoRA uses its PyTorch path"))
     yield counting
     assert counting.calls > 0
 

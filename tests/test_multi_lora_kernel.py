@@ -4,23 +4,17 @@ width, base rows left untouched bit for bit; each row's result does not depend o
 (blocks of 1, 2, 4 and 8 rows of one adapter, any thread count); bad arguments are refused. The LoRA
 parity and isolation tests (test_lora_parity.py, test_engine_lora.py) run through it too."""
 
-import shutil
-
 import pytest
 import torch
 
+from kernel_fixtures import built_or_skip
 from loraserve.lora.fused import column_tiles
 from loraserve.model import kernels
 
 
 @pytest.fixture(scope="module")
 def kernel():
-    module = kernels.multi_lora()
-    if module is None:
-        if shutil.which("c++") or shutil.which("g++"):
-            pytest.fail("a C++ compiler is here but the kernel did not build: see the logged warning")
-        pytest.skip("no C++ compiler: LoRA uses its PyTorch path")
-    return module
+    return built_or_skip(kernels.multi_lora(), "LoRA uses its PyTorch path")
 
 
 def members(in_dim: int, shapes: list[tuple[int, int]], slots: int, dtype: torch.dtype, seed: int = 0):
