@@ -373,31 +373,32 @@ void multi_lora_apply(const at::Tensor& x, const at::Tensor& token_slots, const 
                       const std::vector<int64_t>& outs) {
   TORCH_CHECK(x.dim() == 2 && x.is_contiguous() && x.device().is_cpu(), "x must be a contiguous CPU [T, in] tensor");
   TORCH_CHECK(token_slots.dim() == 1 && token_slots.size(0) == x.size(0) && token_slots.is_contiguous() &&
-              token_slots.scalar_type() == at::kLong, "token_slots must be a contiguous int64 [T] tensor");
-  TORCH_CHECK(y.dim() == 2 && y.size(0) == x.size(0) && y.stride(1) == 1 && y.scalar_type() == x.scalar_type(),
-              "y must be [T, out] with unit column stride and x's dtype");
+              token_slots.scalar_type() == at::kLong && token_slots.device().is_cpu(),
+              "token_slots must be a contiguous int64 CPU [T] tensor");
+  TORCH_CHECK(y.dim() == 2 && y.size(0) == x.size(0) && y.stride(1) == 1 && y.scalar_type() == x.scalar_type() &&
+              y.device().is_cpu(), "y must be a CPU [T, out] tensor with unit column stride and x's dtype");
   TORCH_CHECK(a.size() == b.size() && a.size() == cols.size() && a.size() == outs.size(),
               "a, b, cols and outs need one entry per member");
   const bool pairs = b_pairs_for(x.scalar_type());
   int64_t num_slots = -1;
   for (size_t g = 0; g < a.size(); ++g) {
-    TORCH_CHECK(a[g].dim() == 3 && a[g].is_contiguous() && a[g].size(2) == x.size(1) &&
-                a[g].scalar_type() == x.scalar_type(), "a[", g, "] must be contiguous [L, r, in] in x's dtype");
+    TORCH_CHECK(a[g].dim() == 3 && a[g].is_contiguous() && a[g].size(2) == x.size(1) && a[g].device().is_cpu() &&
+                a[g].scalar_type() == x.scalar_type(), "a[", g, "] must be contiguous CPU [L, r, in] in x's dtype");
     const int64_t r = a[g].size(1), tiles = (outs[g] + W - 1) / W;
     const bool ok = pairs ? b[g].dim() == 5 && b[g].size(2) == (r + 1) / 2 && b[g].size(3) == W && b[g].size(4) == 2
                           : b[g].dim() == 4 && b[g].size(2) == r && b[g].size(3) == W;
     TORCH_CHECK(ok && b[g].is_contiguous() && b[g].size(0) == a[g].size(0) && b[g].size(1) == tiles &&
-                b[g].scalar_type() == x.scalar_type(), "b[", g, "] must be contiguous ",
+                b[g].device().is_cpu() && b[g].scalar_type() == x.scalar_type(), "b[", g, "] must be contiguous CPU ",
                 pairs ? "[L, ceil(out / 16), ceil(r / 2), 16, 2]" : "[L, ceil(out / 16), r, 16]", " matching a[", g, "]");
     TORCH_CHECK(cols[g] >= 0 && cols[g] + outs[g] <= y.size(1), "member ", g, " overruns y's columns");
     num_slots = num_slots < 0 ? a[g].size(0) : std::min(num_slots, a[g].size(0));
   }
   TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16,
               "multi_lora_apply supports float32 and bfloat16");
+  if (a.empty()) return;                 // no member has LoRA: nothing to add
   const int64_t* slots = token_slots.data_ptr<int64_t>();
   for (int64_t t = 0; t < x.size(0); ++t)
     TORCH_CHECK(slots[t] < num_slots, "token ", t, " has slot ", slots[t], " of ", num_slots);
-  if (a.empty()) return;
   pybind11::gil_scoped_release no_gil;   // pure arithmetic: let the HTTP thread run meanwhile
   const std::vector<Block>& blocks = make_blocks(slots, x.size(0), num_slots);
   if (x.scalar_type() == at::kBFloat16) {
