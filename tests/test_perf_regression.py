@@ -3,9 +3,10 @@ process, never absolute times. It catches regressions that would sink issue 7's 
 per token, a lost batched path, LoRA falling off its grouped kernels), not noise: each figure is the
 best of two interleaved runs, and the floors sit well below what this machine measures at this workload
 (engine / transformers 1.6-2.1; mixed / base 0.75 with the C++ multi-LoRA kernel, 0.55-0.58 on the
-PyTorch LoRA path, and one CI run on a busy host measured 0.45 when this machine measured 0.55: hence a
-floor of 0.5, not higher). At 32 new tokens the two engines tied: prefill weighs too much there for the
-ratio to mean anything."""
+PyTorch LoRA path). The host is shared: CI runs measured 0.45 when this machine measured 0.55, and 0.48
+when it measured 0.75, so the floor stays at 0.4. Whether LoRA really runs through the kernel is checked
+exactly, not by timing (test_engine_lora.py, test_lora_parity.py). At 32 new tokens the two engines tied:
+prefill weighs too much there for the ratio to mean anything."""
 
 import time
 
@@ -74,4 +75,4 @@ def test_throughput_ratios_hold(setup):
     base_over_hf, mixed_over_base = max(base) / max(hf), max(mixed) / max(base)
     print(f"engine {max(base):.0f} tok/s, 8 adapters {max(mixed):.0f}, transformers generate {max(hf):.0f}")
     assert base_over_hf > 1.0, f"the engine ({max(base):.0f} tok/s) is slower than transformers ({max(hf):.0f})"
-    assert mixed_over_base > 0.5, f"8 mixed adapters run at {mixed_over_base:.2f}x the base"
+    assert mixed_over_base > 0.4, f"8 mixed adapters run at {mixed_over_base:.2f}x the base"

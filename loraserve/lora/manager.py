@@ -139,7 +139,7 @@ class LoRAManager:
             layer = cls(module, self.max_loras).to(self.device)
             setattr(parent, attr, layer)
             self.layers[name] = layer
-        link_projection_groups(model, self.kernel)
+        self.groups = link_projection_groups(model, self.kernel)
         head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
         if isinstance(head, MultiLoRALinear):
             model.register_forward_pre_hook(partial(_note_kept_tokens, head), with_kwargs=True)
