@@ -121,3 +121,36 @@ def test_no_members_adds_nothing(kernel):
     kernel.multi_lora_apply(x, torch.tensor([-1, -1, -1]), [], [], out, [], [])
     kernel.Group([], [], [], []).apply(x, torch.tensor([-1, 0, -1]), out)
     assert torch.equal(out, y)
+
+
+def test_slot_changes_recut_only_their_tiles_and_stay_exact(kernel):
+    """A group re-cuts B tiles only for the slots that changed; after adapters come and go (a member
+    losing all its slots in between, a higher rank arriving) its tiles equal freshly cut ones."""
+    from loraserve.lora.adapter import ModuleDelta
+    from loraserve.lora.fused import ProjectionGroup
+    from loraserve.lora.layers import MultiLoRALinear
+
+    torch.manual_seed(3)
+    q, k = (MultiLoRALinear(torch.nn.Linear(32, o, bias=False), max_loras=3) for o in (40, 24))
+    group = ProjectionGroup([q, k], kernel)
+
+    def delta(r, out, **kw):
+        return ModuleDelta(lora_a=torch.randn(r, 32), lora_b=torch.randn(out, r), scaling=0.5, rank=r, **kw)
+
+    def check():
+        group.plain()
+        for m in (q, k):
+            if m.slots_used:
+                _, tiles = group.b_tiles[id(m)]
+                assert torch.equal(tiles, column_tiles(m.lora_bt, kernel.b_pairs(m.lora_bt)))
+
+    q.set_slot(0, delta(4, 40)), k.set_slot(0, delta(4, 24))
+    check()
+    q.set_slot(1, delta(4, 40)), k.clear_slot(0)          # k loses its only slot
+    check()
+    k.set_slot(2, delta(4, 24))                           # k's tiles must forget slot 0's old B
+    check()
+    q.clear_slot(0)
+    check()
+    q.set_slot(2, delta(8, 40))                           # a higher rank: lora_bt is replaced
+    check()

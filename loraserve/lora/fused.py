@@ -42,13 +42,16 @@ class ProjectionGroup(SiblingGroup):
         self.kernel = kernel                              # kernels.multi_lora() or None
         self.outs = [m.out_features for m in members]
         self.stale = True                                 # a member's slot changed since the last _sync
+        self.changed_slots: set[int] = set()              # which slots, since then
         self.is_plain = True
         self.w_cat: torch.Tensor | None = None            # [O (+ G*L*r), in]: base weights (then each A)
         self.b_cat: torch.Tensor | None = None
         # PyTorch path: per member [O_g, L*r], every slot's scaling * B.
         self.b_members: list[torch.Tensor] = []
-        # Kernel path: the members with LoRA (their A, B tiles, first column and width) bound in C++.
+        # Kernel path: the members with LoRA (their A, B tiles, first column and width) bound in C++;
+        # each member's B tiles with the lora_bt they were cut from.
         self.kernel_group: object | None = None
+        self.b_tiles: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         # oneDNN copies (CPU bf16, see cpu_gemm.py), packed once the slots have been stable for a while.
         self.packed_w = PackedWeight(SETTLE_CALLS)
         self.packed_b = [PackedWeight(SETTLE_CALLS) for _ in members]
@@ -87,9 +90,26 @@ class ProjectionGroup(SiblingGroup):
             self._stack_base(0)
         cols = [sum(self.outs[:g]) for g in range(len(self.members))]
         lora = [(m, c) for m, c in zip(self.members, cols) if m.slots_used and m.lora_a.shape[1]]
-        tiles = [column_tiles(m.lora_bt, self.kernel.b_pairs(m.lora_bt)) for m, _ in lora]
+        for m in self.members:
+            if all(m is not n for n, _ in lora):   # no LoRA now: its tiles would miss the next changes
+                self.b_tiles.pop(id(m), None)
+        tiles = [self._b_tiles(m) for m, _ in lora]
+        self.changed_slots.clear()
         self.kernel_group = self.kernel.Group([m.lora_a for m, _ in lora], tiles, [c for _, c in lora],
                                               [m.out_features for m, _ in lora]) if lora else None
+
+    def _b_tiles(self, member: MultiLoRALinear) -> torch.Tensor:
+        """`member`'s B as the kernel's column tiles: only the slots that changed are cut again, unless
+        lora_bt itself was replaced (a higher rank arrived) or the member had no tiles yet."""
+        source, tiles = self.b_tiles.get(id(member), (None, None))
+        pairs = self.kernel.b_pairs(member.lora_bt)
+        if source is not member.lora_bt:
+            tiles = column_tiles(member.lora_bt, pairs)
+        else:
+            for slot in self.changed_slots:
+                tiles[slot] = column_tiles(member.lora_bt[slot:slot + 1], pairs)[0]
+        self.b_tiles[id(member)] = (member.lora_bt, tiles)
+        return tiles
 
     def _sync_stacks(self) -> None:
         rank = max(m.lora_a.shape[1] for m in self.members)

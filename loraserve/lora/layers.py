@@ -83,7 +83,7 @@ class _MultiLoRA(nn.Module):
         if self.token_pos is not None:
             self.token_pos[slot] = -1
         self.slots_used.discard(slot)
-        self._slots_changed()
+        self._slots_changed(slot)
 
     def set_slot(self, slot: int, delta: ModuleDelta | None) -> None:
         """Put one adapter's change to this module in `slot` (None: the adapter leaves it unchanged)."""
@@ -101,13 +101,14 @@ class _MultiLoRA(nn.Module):
             if delta.full_bias is not None:
                 self.full[slot]["bias"] = delta.full_bias.to(dev, dt)
         self.slots_used.add(slot)
-        self._slots_changed()
+        self._slots_changed(slot)
 
-    def _slots_changed(self) -> None:
+    def _slots_changed(self, slot: int) -> None:
         self.slot_version += 1
         group = getattr(self, "group", None)
         if group is not None:       # a fused.ProjectionGroup rebuilds its stacks before the next forward
             group.stale = True
+            group.changed_slots.add(slot)
 
     def _lora_delta(self, a_rows: torch.Tensor, rows: SlotRows) -> torch.Tensor:
         """Scaled B(A x) for each row under its own slot (zero for base rows); `a_rows` [T, L, r] is A x
