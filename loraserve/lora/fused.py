@@ -90,9 +90,8 @@ class ProjectionGroup(SiblingGroup):
             self._stack_base(0)
         cols = [sum(self.outs[:g]) for g in range(len(self.members))]
         lora = [(m, c) for m, c in zip(self.members, cols) if m.slots_used and m.lora_a.shape[1]]
-        for m in self.members:
-            if all(m is not n for n, _ in lora):   # no LoRA now: its tiles would miss the next changes
-                self.b_tiles.pop(id(m), None)
+        for m in set(self.members) - {m for m, _ in lora}:   # no LoRA now: its tiles would miss the next
+            self.b_tiles.pop(id(m), None)                    # changes, so they are cut afresh later
         tiles = [self._b_tiles(m) for m, _ in lora]
         self.changed_slots.clear()
         self.kernel_group = self.kernel.Group([m.lora_a for m, _ in lora], tiles, [c for _, c in lora],

@@ -58,7 +58,6 @@ class _MultiLoRA(nn.Module):
         self.full: dict[int, dict[str, torch.Tensor]] = {}
         self.token_cols: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         self.slots_used: set[int] = set()
-        self.slot_version = 0        # bumped on every slot change
         # Which of the batch's tokens this module sees, when not all: the output head under
         # `logits_to_keep` (set by LoRAManager's hook on the model's forward).
         self.token_index: torch.Tensor | None = None
@@ -104,7 +103,6 @@ class _MultiLoRA(nn.Module):
         self._slots_changed(slot)
 
     def _slots_changed(self, slot: int) -> None:
-        self.slot_version += 1
         group = getattr(self, "group", None)
         if group is not None:       # a fused.ProjectionGroup rebuilds its stacks before the next forward
             group.stale = True

@@ -26,6 +26,7 @@ CFLAGS = ["-O3", "-march=native", "-fopenmp", "-fno-math-errno", "-fassociative-
 # The multi-LoRA kernel blocks rows that share an adapter and must give each row the same bits either
 # way, so the compiler may not reorder its sums: it spells out its SIMD and only fuses a*b+c into FMAs.
 CFLAGS_EXACT = ["-O3", "-march=native", "-fopenmp", "-ffp-contract=fast"]
+LDFLAGS = ["-fopenmp"]
 
 
 def _cpu_flags() -> str:
@@ -41,10 +42,10 @@ def _build(name: str, purpose: str, cflags: list[str]) -> object | None:
     from torch.utils import cpp_extension
     source = CSRC / f"{name}.cpp"
     digest = hashlib.sha256(source.read_bytes() + _cpu_flags().encode() + torch.__version__.encode()
-                            + " ".join(cflags + ["ld", "-fopenmp"]).encode()).hexdigest()[:12]
+                            + " ".join(cflags + ["ld"] + LDFLAGS).encode()).hexdigest()[:12]
     try:
         return cpp_extension.load(f"loraserve_{name}_{digest}", [str(source)], extra_cflags=cflags,
-                                  extra_ldflags=["-fopenmp"])
+                                  extra_ldflags=LDFLAGS)
     except Exception as e:    # no compiler, no ninja, headers missing: the PyTorch path still works
         log.warning("CPU %s kernel not built (%s: %s); %s uses the PyTorch path", name, type(e).__name__,
                     str(e).splitlines()[0] if str(e) else "", purpose)

@@ -88,6 +88,16 @@ inline void store_partial(T* p, vf v, int64_t n) {
   std::copy(buf, buf + n, p);
 }
 
+// y[0:w] += delta[0:w] (w <= W) with one rounding, as a GEMM that adds into its output does.
+template <typename T>
+inline void add_delta(T* y, vf delta, int64_t w) {
+  if (w == W) {
+    store(y, load(y) + delta);
+  } else {
+    store_partial(y, load_partial(y, w) + delta, w);
+  }
+}
+
 // Sum of the lanes as a fixed tree.
 inline float hsum(vf v) {
   using v8 = float __attribute__((vector_size(32)));
@@ -200,16 +210,10 @@ void up_tiles(const char* hp, const at::BFloat16* bt, int64_t pairs, int64_t out
       for (int q = 0; q < TB; ++q) acc[n][q] = _mm512_dpbf16_ps(acc[n][q], hv, bv[q]);
     }
   }
-  // One rounding, as a GEMM that adds into its output does: the base value plus the delta.
   for (int n = 0; n < NB; ++n)
     for (int q = 0; q < TB; ++q) {
-      const int64_t j = (t0 + q) * W, w = std::min<int64_t>(W, out - j);
-      const vf v = acc[n][q];
-      if (w == W) {
-        store(ys[n] + j, load(ys[n] + j) + v);
-      } else {
-        store_partial(ys[n] + j, load_partial(ys[n] + j, w) + v, w);
-      }
+      const int64_t j = (t0 + q) * W;
+      add_delta(ys[n] + j, acc[n][q], std::min<int64_t>(W, out - j));
     }
 }
 
@@ -240,14 +244,7 @@ void up_proj(const float* h, const T* bt, int64_t r, int64_t out, T* const* ys) 
       const vf bv = load(bj + k * W);
       for (int n = 0; n < NB; ++n) acc[n] += h[n * r + k] * bv;
     }
-    // One rounding, as a GEMM that adds into its output does: the base value plus the delta.
-    for (int n = 0; n < NB; ++n) {
-      if (w == W) {
-        store(ys[n] + j, load(ys[n] + j) + acc[n]);
-      } else {
-        store_partial(ys[n] + j, load_partial(ys[n] + j, w) + acc[n], w);
-      }
-    }
+    for (int n = 0; n < NB; ++n) add_delta(ys[n] + j, acc[n], w);
   }
 }
 
