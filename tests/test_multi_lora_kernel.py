@@ -110,7 +110,13 @@ def test_bad_arguments_are_refused(kernel):
         apply(kernel, x.t().contiguous().t(), torch.tensor([0, 1, -1]), mems, y)
     with pytest.raises(RuntimeError, match="overruns y's columns"):
         apply(kernel, x, torch.tensor([0, 1, -1]), mems, y[:, :8])
+    with pytest.raises(RuntimeError, match="y must be a CPU"):
+        apply(kernel, x, torch.tensor([0, 1, -1]), mems, y.to("meta"))
+    with pytest.raises(RuntimeError, match="token_slots must be a contiguous int64 CPU"):
+        apply(kernel, x, torch.tensor([0, 1, -1], device="meta"), mems, y)
     a, b = mems[0]
+    with pytest.raises(RuntimeError, match=r"a\[0\] must be contiguous CPU"):
+        apply(kernel, x, torch.tensor([0, 1, -1]), [(a.to("meta"), b)], y)
     with pytest.raises(RuntimeError, match=r"b\[0\] must be contiguous"):
         kernel.multi_lora_apply(x, torch.tensor([0, 1, -1]), [a], [b], y.clone(), [0], [16])
 
