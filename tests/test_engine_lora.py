@@ -14,6 +14,7 @@ from loraserve.config import EngineConfig, LoRAConfig
 from loraserve.engine.llm_engine import LLMEngine, UnknownModelError
 from loraserve.engine.sampling_params import SamplingParams
 from loraserve.lora.adapter import AdapterError
+from loraserve.model.cpu_gemm import supported
 from test_engine_parity import record_logits
 from tiny_models import VOCAB, IdTokenizer, tiny_model
 
@@ -131,3 +132,17 @@ def test_load_report_measures_each_adapters_effect_like_peft(adapters):
             assert got is not None and want > 1e-4
             assert abs(got - want) < 1e-4 + 1e-3 * want, f"{name}: report {got}, PEFT {want}"
     assert engine.blocks.num_free == engine.blocks.num_blocks and sum(engine.lora.pins.values()) == 0
+
+
+def test_groups_are_stacked_and_packed_at_start_up(adapters):
+    """The stacked base weights (and their oneDNN copies) are built with the engine, not inside the first
+    requests: ~400 MB of fresh memory for SmolLM2, which made the first served steps fault and stall."""
+    engine = lora_engine(adapters, dtype=torch.bfloat16)
+    groups = engine.lora.groups
+    assert groups and all(g.w_cat is not None and not g.stale for g in groups)
+    if engine.lora.kernel is None or not supported(groups[0].w_cat):
+        pytest.skip("no C++ kernel or no oneDNN bf16 here: nothing is packed")
+    packed = [g.packed_w.packed for g in groups]
+    assert all(p is not None for p in packed)
+    run(engine, [(p, name) for p, name in zip(prompts(4), [None, "a", "b", "c"])])
+    assert all(g.packed_w.packed is p for g, p in zip(groups, packed))   # adapters entering slots repack nothing

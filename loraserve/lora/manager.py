@@ -140,6 +140,8 @@ class LoRAManager:
             setattr(parent, attr, layer)
             self.layers[name] = layer
         self.groups = link_projection_groups(model, self.kernel)
+        for group in self.groups:
+            group.prepare()
         head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
         if isinstance(head, MultiLoRALinear):
             model.register_forward_pre_hook(partial(_note_kept_tokens, head), with_kwargs=True)
