@@ -160,3 +160,22 @@ def test_slot_changes_recut_only_their_tiles_and_stay_exact(kernel):
     check()
     q.set_slot(2, delta(8, 40))                           # a higher rank: lora_bt is replaced
     check()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_group_takes_the_models_leading_dims(kernel, dtype):
+    """Group.apply flattens [1, T, in] / [1, T, out] itself (the model's shape): the same bits as the
+    flat call, written into y's own storage."""
+    token_slots = torch.tensor([1, -1, 0, 1, 2])
+    mems = members(40, SHAPES, slots=3, dtype=dtype, seed=4)
+    x = torch.randn(len(token_slots), 40).to(dtype)
+    y = torch.randn(len(token_slots), sum(o for _, o in SHAPES)).to(dtype)
+    cols = [sum(b.shape[2] for _, b in mems[:g]) for g in range(len(mems))]
+    group = kernel.Group([a for a, _ in mems], [column_tiles(b, kernel.b_pairs(b)) for _, b in mems], cols,
+                         [b.shape[2] for _, b in mems])
+    y3 = y.clone()[None]
+    group.apply(x[None], token_slots, y3)
+    assert torch.equal(y3[0], apply(kernel, x, token_slots, mems, y))
+    assert not torch.equal(y3[0], y)
+    with pytest.raises(RuntimeError, match=r"x and y must be \[\.\.\., in\] and \[\.\.\., out\]"):
+        group.apply(x[None], token_slots, y)

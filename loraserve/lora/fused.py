@@ -134,22 +134,29 @@ class ProjectionGroup(SiblingGroup):
             self.w_cat[rows] = m.lora_a.reshape(L * rank, in_dim)
             self.b_members[g].copy_(m.lora_bt.reshape(L * rank, o).t())
 
+    def forward(self, member: MultiLoRALinear, x: torch.Tensor) -> torch.Tensor:
+        if len(self.outs) == 1:             # o_proj, down_proj: nothing to keep for a sibling
+            return self._compute(x)[0]
+        return super().forward(member, x)
+
     def _compute(self, x: torch.Tensor) -> list[torch.Tensor]:
         if self.stale:
             self.plain()
-        x2 = x.reshape(-1, self.members[0].in_features)
-        y = self.packed_w.linear(x2, self.w_cat, self.b_cat)
-        shape = x.shape[:-1]
         if self.kernel is not None:
+            # x keeps the model's shape ([1, T, in]): the kernel flattens it in C++, cheaper than here.
+            y = self.packed_w.linear(x, self.w_cat, self.b_cat)
             # The batch's token slots as they are: no per-step tensors derived from them here (small
             # allocations made mid-forward fragment the heap the large activations come from).
             lora = get_context().lora
             if self.kernel_group is not None and lora is not None and lora.any_lora:
                 # y += each row's own delta, in place; base rows are not touched.
-                self.kernel_group.apply(x2.contiguous(), lora.token_slots, y)
+                self.kernel_group.apply(x, lora.token_slots, y)
             if len(self.outs) == 1:
-                return [y.view(*shape, -1)]
-            return [o.contiguous().view(*shape, -1) for o in y.split(self.outs, dim=1)]
+                return [y]
+            return [o.contiguous() for o in y.split(self.outs, dim=-1)]
+        x2 = x.reshape(-1, self.members[0].in_features)
+        y = self.packed_w.linear(x2, self.w_cat, self.b_cat)
+        shape = x.shape[:-1]
         out_dim = sum(self.outs)
         used = [m for m in self.members if m.slots_used]
         rows = used[0]._slot_rows(x2.shape[0]) if used else None

@@ -408,11 +408,15 @@ void multi_lora_apply(const at::Tensor& x, const at::Tensor& token_slots, const 
 // One projection group's adapters, bound once per slot change: each forward then passes only tensors,
 // so the call converts no Python lists (every allocation made mid-forward can split the large free
 // chunks that the next activations need, and the heap then grows, page fault by page fault).
+// x and y may come with the model's leading dims ([1, T, in]): flattened here, where a view costs
+// nanoseconds, not in Python, where each costs a microsecond or more (120 calls a step).
 struct Group {
   std::vector<at::Tensor> a, b;
   std::vector<int64_t> cols, outs;
-  void apply(const at::Tensor& x, const at::Tensor& token_slots, at::Tensor y) const {
-    multi_lora_apply(x, token_slots, a, b, std::move(y), cols, outs);
+  void apply(const at::Tensor& x, const at::Tensor& token_slots, const at::Tensor& y) const {
+    TORCH_CHECK(x.dim() >= 2 && y.dim() == x.dim(), "x and y must be [..., in] and [..., out]");
+    multi_lora_apply(x.reshape({-1, x.size(-1)}).contiguous(), token_slots, a, b, y.view({-1, y.size(-1)}),
+                     cols, outs);
   }
 };
 
