@@ -138,7 +138,7 @@ void down_proj(const float* const* xs, int64_t in, const T* a, int64_t r, float*
 // several chains run side by side (KB ranks or tiles at once) because a lone chain waits on the latency
 // of each vdpbf16ps. Every chain sees the same operations in the same order however many run beside
 // it, so grouping never changes a row's result.
-constexpr int chains(int nb) { return nb >= 8 ? 1 : 8 / nb; }
+constexpr int chains(int nb) { return nb >= 8 ? 2 : 8 / nb; }
 
 // h for ranks k0..k0+KB-1, written as bf16 (rounded, as PEFT's bf16 lora_A output is) at
 // hb[n * 2 * ceil(r / 2) + k]: the up-projection reads them in pairs.
