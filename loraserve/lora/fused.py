@@ -16,10 +16,11 @@ the members' separate GEMMs (the isolation tests check it); base rows get a zero
 Groups fall back to the members' own forward when any member carries more than plain LoRA in some
 slot (DoRA, bias changes, full copies, trainable tokens).
 
-With the C++ multi-LoRA kernel (CPU, model/csrc/multi_lora.cpp) a group stacks only the base weights:
-one GEMM for the base outputs, then one kernel call applies each row's own adapter and nothing else,
-reading the members' slot buffers in place. Per layer that is 4 GEMMs + 4 kernel calls, and the LoRA
-work is ~5% of the base FLOPs instead of ~37% (8 slots of rank 16)."""
+With the C++ multi-LoRA kernel (CPU, model/csrc/multi_lora.cpp) a group stacks only the base weights,
+once, when the engine starts (packed at once: they never change): one GEMM for the base outputs, then
+one kernel call applies each row's own adapter and nothing else, reading the members' slot buffers in
+place. Per layer that is 4 GEMMs + 4 kernel calls, and the LoRA work is ~5% of the base FLOPs instead
+of ~37% (8 slots of rank 16)."""
 
 import torch
 import torch.nn.functional as F
