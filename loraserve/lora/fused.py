@@ -62,12 +62,14 @@ class ProjectionGroup(SiblingGroup):
             m.group = self
 
     def prepare(self) -> None:
-        """Stack (and on CPU bf16 pack) the group's weights now, at start-up, not inside the first requests:
-        for SmolLM2 that is ~400 MB of fresh memory, which page-faulted its way into the first served steps
-        (some took 0.4-0.6 s instead of 0.3 s on this VM, where a first touch of a page costs ~13 us)."""
+        """With the kernel, stack (and on CPU bf16 pack) the base weights now, at start-up, not inside the
+        first requests: for SmolLM2 that is ~400 MB of fresh memory, which page-faulted its way into the
+        first served steps (some took 0.4-0.6 s instead of 0.3 s on this VM, where a first touch of a page
+        costs ~13 us). The PyTorch path's stack also holds every slot's A, so its size waits for the ranks."""
+        if self.kernel is None:
+            return
         self.plain()
-        if self.kernel is not None:
-            self.packed_w.get(self.w_cat)
+        self.packed_w.get(self.w_cat)
 
     def plain(self) -> bool:
         """Whether every member carries plain LoRA only, so the group may run them (members call this
