@@ -72,11 +72,12 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
                    help="torch threads for the engine (default: OMP_NUM_THREADS if set, else all cores but one, "
                         "left to the HTTP server and clients, as vLLM-CPU reserves one)")
     g.add_argument("--no-prepack-weights", dest="prepack_weights", action="store_false",
-                   help="CPU bf16: do not keep oneDNN-packed copies of the linear weights (halves their "
-                        "memory, decode steps ~20%% slower; results are bit-identical either way)")
+                   help="CPU bf16: do not keep packed copies of the linear weights (halves their memory, "
+                        "decode steps ~20-35%% slower; plain F.linear, which oneDNN's packing matches bit for bit)")
     g.add_argument("--no-cpu-kernels", dest="cpu_kernels", action="store_false",
-                   help="CPU: do not build or use the C++ kernels for decode attention and multi-LoRA "
-                        "(built on first start, ~20 s each, then cached); PyTorch matmuls run instead")
+                   help="CPU: do not build or use the C++ kernels for bf16 linear layers (AVX512-BF16 CPUs), "
+                        "decode attention and multi-LoRA (built on first start, ~20 s each, then cached); "
+                        "oneDNN and PyTorch matmuls run instead")
     g.add_argument("--chat-template", default=None,
                    help="a Jinja chat template, or a file holding one, used instead of the tokenizer's own")
 

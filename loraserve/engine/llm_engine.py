@@ -74,7 +74,9 @@ class LLMEngine:
         self.eos_ids = eos_token_ids(model, tokenizer)
 
         if config.prepack_weights:
-            log.info("prepacked %d linear weights for oneDNN", prepack_linears(self.model))
+            gemm = kernels.gemm() if self._cpu_kernels() and self.dtype == torch.bfloat16 else None
+            log.info("prepacked %d linear weights for %s", prepack_linears(self.model, gemm),
+                     "the C++ bf16 GEMM" if gemm is not None else "oneDNN")
         if not config.lora.enable_lora:    # LoRA's layers group the same siblings themselves (lora/fused.py)
             log.info("fused %d q/k/v and gate/up sibling groups", fuse_sibling_linears(self.model))
         specs = cache_specs(model)   # before LoRA wrapping swaps the projections

@@ -28,7 +28,7 @@ from torch import nn
 
 from loraserve.engine.context import get_context
 from loraserve.lora.layers import MultiLoRALinear
-from loraserve.model.cpu_gemm import PackedLinear, PackedWeight
+from loraserve.model.cpu_gemm import PackedLinear, PackedWeight, gemm_kernel
 from loraserve.model.fused_linear import SIBLINGS, SiblingGroup, stack_rows
 
 # Singletons too: stacking a projection's own A under its base weight saves one GEMM per layer.
@@ -53,9 +53,10 @@ class ProjectionGroup(SiblingGroup):
         # each member's B tiles with the lora_bt they were cut from.
         self.kernel_group: object | None = None
         self.b_tiles: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
-        # oneDNN copies (CPU bf16, see cpu_gemm.py), packed once the slots have been stable for a while.
-        # With the kernel the stack holds base weights only, which never change: packed at once.
-        self.packed_w = PackedWeight(SETTLE_CALLS if kernel is None else 0)
+        # Packed copies (CPU bf16, see cpu_gemm.py), packed once the slots have been stable for a while.
+        # With the kernel the stack holds base weights only, which never change: packed at once. The stack
+        # runs on the GEMM its members were packed for, so base columns keep their bits stacked or alone.
+        self.packed_w = PackedWeight(SETTLE_CALLS if kernel is None else 0, gemm_kernel(members[0].base_layer))
         self.packed_b = [PackedWeight(SETTLE_CALLS) for _ in members]
         self.rank = 0
         for m in members:
@@ -94,7 +95,7 @@ class ProjectionGroup(SiblingGroup):
         self.w_cat, self.b_cat = stack_rows([m.base_layer for m in self.members], extra_rows)
         for m in self.members:
             if isinstance(m.base_layer, PackedLinear):   # drop the packed copy of the old weight
-                m.base_layer.packed_weight = PackedWeight()
+                m.base_layer.packed_weight = PackedWeight(kernel=m.base_layer.packed_weight.kernel)
 
     def _sync_kernel(self) -> None:
         # The kernel reads each member's A in place and B as column tiles: only base weights are stacked.

@@ -1,11 +1,16 @@
-"""Linear layers whose weights are prepacked for oneDNN (CPU, bf16).
+"""Linear layers whose weights are prepacked (CPU, bf16), for oneDNN or for our own GEMM kernel.
 
 On CPU a bf16 `F.linear` hands its weight to oneDNN in plain layout, and oneDNN reorders it into its
 blocked layout on every call: each decode step reads every weight, writes the blocked copy and reads
 that again. Packing each weight once, as vLLM's CPU backend and inductor's weight freezing do, cut the
-GEMM time of a batch-16 SmolLM2 decode step by ~30% on 2 cores (bench/README.md). The results are
-bit-identical to `F.linear` (tests/test_cpu_gemm.py checks it over many shapes), so parity and
-isolation do not depend on whether packing is on.
+GEMM time of a batch-16 SmolLM2 decode step by ~30% on 2 cores (bench/README.md). oneDNN's packed
+results are bit-identical to `F.linear` (tests/test_cpu_gemm.py checks it over many shapes).
+
+On CPUs with AVX512-BF16 the engine passes the C++ GEMM (model/csrc/gemm.cpp, `kernels.gemm()`)
+instead: 1.3-1.7x oneDNN's speed at decode batch sizes. Its results can differ from oneDNN's in the
+last bit (another summation order), but each element is one float32 sum in a fixed order, so a row's
+result never depends on the rest of the batch, nor a column's on the columns stacked beside it:
+isolation holds on either backend. `add_linear` (the PyTorch LoRA path's B GEMMs) is oneDNN's only.
 
 The plain weight stays: tied embeddings, LoRA's stacked groups and DoRA's norms read it. A packed copy
 follows its source: it is rebuilt when the weight is replaced or changed in place."""
@@ -35,8 +40,9 @@ class PackedWeight:
     through the slots run on plain GEMMs (~1.4x the time) instead of stalling on a repack each time. Both
     paths give the same bits."""
 
-    def __init__(self, settle_calls: int = 0) -> None:
+    def __init__(self, settle_calls: int = 0, kernel: object | None = None) -> None:
         self.settle_calls = settle_calls
+        self.kernel = kernel                 # kernels.gemm() (AVX512-BF16 CPUs), or None for oneDNN
         self.source: torch.Tensor | None = None
         self.version = -1
         self.packed: torch.Tensor | None = None
@@ -50,21 +56,27 @@ class PackedWeight:
             self.calls_since_change += 1
             if self.calls_since_change <= self.settle_calls:
                 return None
-            # The batch-size hint only picks oneDNN's blocking; any row count works with it and gives
-            # the same result. 16 is a typical decode batch.
-            self.packed = torch.ops.mkldnn._reorder_linear_weight(weight.detach(), 16)
+            if self.kernel is not None:
+                self.packed = self.kernel.pack(weight.detach())
+            else:
+                # The batch-size hint only picks oneDNN's blocking; any row count works with it and gives
+                # the same result. 16 is a typical decode batch.
+                self.packed = torch.ops.mkldnn._reorder_linear_weight(weight.detach(), 16)
         return self.packed
 
     def linear(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-        """`F.linear(x, weight, bias)`, bit for bit; from the packed copy where oneDNN bf16 applies."""
+        """`F.linear(x, weight, bias)` from the packed copy where it applies (oneDNN's: bit for bit)."""
         packed = self.get(weight) if x.dtype == weight.dtype and supported(weight) else None
         if packed is None:
             return F.linear(x, weight, bias)
+        if self.kernel is not None:
+            return self.kernel.linear(x, packed, weight.shape[0], bias)
         return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
 
     def add_linear(self, y: torch.Tensor, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         """`torch.addmm(y, x, weight.t())`, bit for bit: y plus x's product, added inside the GEMM in
         float32 and rounded once (where y is all a row gets, x's row is zero and y comes back exact)."""
+        assert self.kernel is None, "add_linear is oneDNN's: build this PackedWeight without a kernel"
         packed = self.get(weight) if x.dtype == weight.dtype and supported(weight) else None
         if packed is None:
             return torch.addmm(y, x, weight.t())
@@ -82,13 +94,21 @@ class PackedLinear(nn.Linear):
         return self.packed_weight.linear(x, self.weight, self.bias)
 
 
-def prepack_linears(model: nn.Module) -> int:
-    """Switch every plain nn.Linear with a CPU bf16 weight to PackedLinear; return how many."""
+def prepack_linears(model: nn.Module, kernel: object | None = None) -> int:
+    """Switch every plain nn.Linear with a CPU bf16 weight to PackedLinear; return how many. `kernel`:
+    kernels.gemm() to pack for it, or None for oneDNN."""
     count = 0
     for module in model.modules():
         if type(module) is nn.Linear and supported(module.weight):
             module.__class__ = PackedLinear
-            module.packed_weight = PackedWeight()
+            module.packed_weight = PackedWeight(kernel=kernel)
             module.packed_weight.get(module.weight)     # pack now, not on the first request
             count += 1
     return count
+
+
+def gemm_kernel(linear: nn.Module) -> object | None:
+    """The GEMM kernel `linear` was packed for (None: oneDNN, or not packed). Groups that stack linears
+    use their members' kernel, so a column comes out with the same bits stacked or alone."""
+    packed = getattr(linear, "packed_weight", None)
+    return packed.kernel if packed is not None else None

@@ -14,7 +14,7 @@ GEMMs run far below the core's rate: one q/k/v GEMM instead of three saved ~20 u
 import torch
 from torch import nn
 
-from loraserve.model.cpu_gemm import PackedLinear, PackedWeight
+from loraserve.model.cpu_gemm import PackedLinear, PackedWeight, gemm_kernel
 
 SIBLINGS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
 
@@ -71,7 +71,7 @@ class FusedLinearGroup(SiblingGroup):
         super().__init__(members)
         self.outs = [m.out_features for m in members]
         self.weight, self.bias = stack_rows(members)
-        self.packed = PackedWeight()
+        self.packed = PackedWeight(kernel=gemm_kernel(members[0]))   # the members' own GEMM: same bits
         for m in members:
             m.__class__ = GroupedLinear
             m.group = self

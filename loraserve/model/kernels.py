@@ -62,3 +62,13 @@ def paged_attention() -> object | None:
 def multi_lora() -> object | None:
     """The compiled module with `multi_lora_apply`, or None (logged) where it cannot be built."""
     return _build("multi_lora", "multi-LoRA", CFLAGS_EXACT)
+
+
+@functools.cache
+def gemm() -> object | None:
+    """The compiled bf16 GEMM (`pack`, `linear`) where this CPU has AVX512-BF16, else None (oneDNN then)."""
+    module = _build("gemm", "bf16 linear layers", CFLAGS_EXACT)
+    if module is not None and not module.has_bf16_dot:
+        log.info("this CPU has no AVX512-BF16: bf16 linear layers use oneDNN")
+        return None
+    return module

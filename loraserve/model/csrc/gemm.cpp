@@ -1,0 +1,159 @@
+// bf16 linear layers on CPUs with AVX512-BF16: y = x W^T (+ bias), float32 accumulation, one rounding.
+//
+// At decode batch sizes (a few to a few dozen rows) oneDNN's bf16 GEMM runs far below this core's rate:
+// a batch-16 SmolLM2 step spent ~20 ms in it, ~215 GFLOP/s where a 2048^3 GEMM reaches ~500. This kernel
+// is one plain microkernel instead: W is packed once into tiles of 16 output columns holding pairs of
+// k (the layout vdpbf16ps reads: [N/16][K/2][16][2]), and each block of up to 8 rows x 3 tiles keeps its
+// 24 accumulators in registers over the whole of K, reading each weight tile once per block of rows
+// (bench/README.md has the figures: 1.3-1.7x oneDNN at 16 rows, a little ahead of it at 512).
+//
+// Each output element is one accumulator lane that sums the k-pairs in order 0, 1, ..., K/2 - 1,
+// whatever block its row or column falls in and however many threads run: a row's result never depends
+// on the other rows of the batch, nor a column's on the columns stacked beside it (q/k/v, gate/up and
+// LoRA's projection groups stack their members' weights). tests/test_cpu_gemm.py checks both. Built by
+// model/kernels.py with CFLAGS_EXACT; the intrinsics spell out every operation.
+
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <cstring>
+#if defined(__AVX512BF16__)
+#include <immintrin.h>
+#endif
+
+namespace {
+
+constexpr int64_t TILE = 16;        // output columns per tile: one zmm of float32 accumulators
+constexpr int ROWS = 8;             // rows per block: 8 x 3 accumulators + 3 weight vectors + 1 broadcast
+constexpr int TILES = 3;            //   fit the 32 vector registers
+constexpr int64_t PREFETCH = 1024;  // elements ahead in each tile's stream (2 KB)
+
+void check_packed(const torch::Tensor& packed) {
+  TORCH_CHECK(packed.device().is_cpu() && packed.scalar_type() == at::kBFloat16 && packed.dim() == 4 &&
+              packed.size(2) == TILE && packed.size(3) == 2 && packed.is_contiguous(),
+              "packed weight: expected a contiguous CPU bf16 [N/16, K/2, 16, 2] tensor from pack()");
+}
+
+}  // namespace
+
+#if defined(__AVX512BF16__)
+namespace {
+
+// y[m][col] for MB rows x NB tiles starting at tile t0, over K (KP = ceil(K / 2) pairs). An odd K's last
+// pair reads x[K-1] alone: its partner's half of the broadcast is zero, as is the weight's padding.
+template <int MB, int NB>
+inline void block(const uint16_t* x, int64_t K, const uint16_t* w, int64_t KP, int64_t t0, const float* bias,
+                  uint16_t* y, int64_t N) {
+  __m512 acc[MB][NB];
+  for (int m = 0; m < MB; ++m)
+    for (int t = 0; t < NB; ++t) acc[m][t] = _mm512_setzero_ps();
+  const uint16_t* wt[NB];
+  for (int t = 0; t < NB; ++t) wt[t] = w + (t0 + t) * KP * TILE * 2;
+  // One k-pair: a 32-bit broadcast of each row's two x values against NB tiles of the weight.
+  auto step = [&](int64_t kp, size_t xbytes) {
+    __m512bh wv[NB];
+    for (int t = 0; t < NB; ++t) {
+      _mm_prefetch(reinterpret_cast<const char*>(wt[t] + kp * TILE * 2 + PREFETCH), _MM_HINT_T0);
+      wv[t] = (__m512bh)_mm512_loadu_si512(wt[t] + kp * TILE * 2);
+    }
+    for (int m = 0; m < MB; ++m) {
+      uint32_t pair = 0;
+      std::memcpy(&pair, x + m * K + 2 * kp, xbytes);
+      const __m512bh xb = (__m512bh)_mm512_set1_epi32(static_cast<int32_t>(pair));
+      for (int t = 0; t < NB; ++t) acc[m][t] = _mm512_dpbf16_ps(acc[m][t], xb, wv[t]);
+    }
+  };
+  const int64_t full = K / 2;
+  for (int64_t kp = 0; kp < full; ++kp) step(kp, 4);
+  if (full < KP) step(full, 2);
+  for (int t = 0; t < NB; ++t) {
+    const int64_t col = (t0 + t) * TILE;
+    const int64_t width = std::min<int64_t>(TILE, N - col);
+    const __mmask16 mask = static_cast<__mmask16>((1u << width) - 1);
+    const __m512 b = bias ? _mm512_maskz_loadu_ps(mask, bias + col) : _mm512_setzero_ps();
+    for (int m = 0; m < MB; ++m) {
+      const __m512 sum = bias ? _mm512_add_ps(acc[m][t], b) : acc[m][t];
+      const __m256bh h = _mm512_cvtneps_pbh(sum);                          // round to nearest even
+      _mm256_mask_storeu_epi16(y + m * N + col, mask, (__m256i)h);
+    }
+  }
+}
+
+template <int NB>
+void rows(const uint16_t* x, int64_t M, int64_t K, const uint16_t* w, int64_t KP, int64_t t0, const float* bias,
+          uint16_t* y, int64_t N) {
+  int64_t m = 0;
+  for (; m + ROWS <= M; m += ROWS) block<ROWS, NB>(x + m * K, K, w, KP, t0, bias, y + m * N, N);
+  for (; m + 4 <= M; m += 4) block<4, NB>(x + m * K, K, w, KP, t0, bias, y + m * N, N);
+  for (; m + 2 <= M; m += 2) block<2, NB>(x + m * K, K, w, KP, t0, bias, y + m * N, N);
+  for (; m < M; ++m) block<1, NB>(x + m * K, K, w, KP, t0, bias, y + m * N, N);
+}
+
+}  // namespace
+
+constexpr bool kHasBf16Dot = true;
+
+torch::Tensor linear(const torch::Tensor& x_in, const torch::Tensor& packed, int64_t out_features,
+                     const c10::optional<torch::Tensor>& bias_in) {
+  check_packed(packed);
+  TORCH_CHECK(x_in.device().is_cpu() && x_in.scalar_type() == at::kBFloat16, "x: expected a CPU bf16 tensor");
+  const int64_t K = x_in.size(-1), KP = packed.size(1), NT = packed.size(0), N = out_features;
+  TORCH_CHECK(KP == (K + 1) / 2 && NT == (N + TILE - 1) / TILE, "x [..., ", K, "] and ", N,
+              " outputs do not match the packed weight ", packed.sizes());
+  const torch::Tensor x = x_in.reshape({-1, K}).contiguous();
+  const int64_t M = x.size(0);
+  std::vector<int64_t> shape(x_in.sizes().begin(), x_in.sizes().end());
+  shape.back() = N;
+  torch::Tensor y = torch::empty(shape, x_in.options());
+  torch::Tensor bias;
+  if (bias_in.has_value() && bias_in->defined()) {
+    TORCH_CHECK(bias_in->device().is_cpu() && bias_in->numel() == N, "bias: expected ", N, " CPU values");
+    bias = bias_in->to(at::kFloat).contiguous();
+  }
+  if (M == 0 || N == 0) return y;
+  const auto* xp = reinterpret_cast<const uint16_t*>(x.data_ptr());
+  const auto* wp = reinterpret_cast<const uint16_t*>(packed.data_ptr());
+  auto* yp = reinterpret_cast<uint16_t*>(y.data_ptr());
+  const float* bp = bias.defined() ? bias.data_ptr<float>() : nullptr;
+  const int64_t blocks = (NT + TILES - 1) / TILES;
+  // Threads split the columns only: each element is still summed by one lane, in one order.
+  at::parallel_for(0, blocks, 1, [&](int64_t b0, int64_t b1) {
+    for (int64_t b = b0; b < b1; ++b) {
+      const int64_t t0 = b * TILES, left = NT - t0;
+      if (left >= 3) rows<3>(xp, M, K, wp, KP, t0, bp, yp, N);
+      else if (left == 2) rows<2>(xp, M, K, wp, KP, t0, bp, yp, N);
+      else rows<1>(xp, M, K, wp, KP, t0, bp, yp, N);
+    }
+  });
+  return y;
+}
+
+#else
+
+constexpr bool kHasBf16Dot = false;
+
+torch::Tensor linear(const torch::Tensor&, const torch::Tensor&, int64_t, const c10::optional<torch::Tensor>&) {
+  TORCH_CHECK(false, "this build has no AVX512-BF16: use oneDNN (model/cpu_gemm.py checks has_bf16_dot())");
+}
+
+#endif
+
+// W [N, K] -> [ceil(N / 16), ceil(K / 2), 16, 2]: element (n, k) at [n / 16][k / 2][n % 16][k % 2], zeros
+// in the padding. One copy, made once per weight (model/cpu_gemm.py keeps it beside the plain weight).
+torch::Tensor pack(const torch::Tensor& w) {
+  TORCH_CHECK(w.device().is_cpu() && w.scalar_type() == at::kBFloat16 && w.dim() == 2,
+              "pack: expected a CPU bf16 [N, K] weight");
+  const int64_t N = w.size(0), K = w.size(1), NT = (N + TILE - 1) / TILE, KP = (K + 1) / 2;
+  torch::Tensor padded = torch::zeros({NT * TILE, KP * 2}, w.options());
+  padded.narrow(0, 0, N).narrow(1, 0, K).copy_(w);
+  return padded.view({NT, TILE, KP, 2}).permute({0, 2, 1, 3}).contiguous();
+}
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("pack", &pack, "W [N, K] -> the kernel's packed layout", py::arg("weight"));
+  m.def("linear", &linear, "x W^T (+ bias) from a packed W; x [..., K] bf16", py::arg("x"), py::arg("packed"),
+        py::arg("out_features"), py::arg("bias") = py::none(), py::call_guard<py::gil_scoped_release>());
+  m.attr("has_bf16_dot") = kHasBf16Dot;
+}
