@@ -7,7 +7,7 @@ GEMM time of a batch-16 SmolLM2 decode step by ~30% on 2 cores (bench/README.md)
 results are bit-identical to `F.linear` (tests/test_cpu_gemm.py checks it over many shapes).
 
 On CPUs with AVX512-BF16 the engine passes the C++ GEMM (model/csrc/gemm.cpp, `kernels.gemm()`)
-instead: 1.3-1.7x oneDNN's speed at decode batch sizes. Its results can differ from oneDNN's in the
+instead: 1.55x oneDNN's speed at 16 rows (bench/gemm.py). Its results can differ from oneDNN's in the
 last bit (another summation order), but each element is one float32 sum in a fixed order, so a row's
 result never depends on the rest of the batch, nor a column's on the columns stacked beside it:
 isolation holds on either backend. `add_linear` (the PyTorch LoRA path's B GEMMs) is oneDNN's only.
