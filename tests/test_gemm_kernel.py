@@ -148,3 +148,12 @@ def test_a_bf16_cpu_engine_runs_every_linear_on_the_kernel(gemm, enable_lora):
     model, _ = tiny_model("llama", dtype=torch.float32)           # float32: plain F.linear, nothing packed
     assert _gemms(LLMEngine(EngineConfig(model="tiny", num_kv_blocks=64), model, IdTokenizer())) == {None}
     assert not any(isinstance(m, PackedLinear) for m in model.modules())
+
+
+def test_building_a_kernel_leaves_the_flags_and_so_the_next_digest_alone(gemm):
+    """cpp_extension.load appends torch's libraries to the flag lists it is given: were they ours, each
+    build would change the next kernel's digest, and a kernel would be rebuilt under a new name
+    depending on what the process had built before (once killed mid-build, its lock hung every start)."""
+    flags, ldflags = list(kernels.CFLAGS_EXACT), list(kernels.LDFLAGS)
+    assert kernels._build("gemm", "bf16 linear layers", kernels.CFLAGS_EXACT).__name__ == gemm.__name__
+    assert kernels.CFLAGS_EXACT == flags and kernels.LDFLAGS == ldflags

@@ -44,8 +44,10 @@ def _build(name: str, purpose: str, cflags: list[str]) -> object | None:
     digest = hashlib.sha256(source.read_bytes() + _cpu_flags().encode() + torch.__version__.encode()
                             + " ".join(cflags + ["ld"] + LDFLAGS).encode()).hexdigest()[:12]
     try:
-        return cpp_extension.load(f"loraserve_{name}_{digest}", [str(source)], extra_cflags=cflags,
-                                  extra_ldflags=LDFLAGS)
+        # Copies: cpp_extension.load appends torch's libraries to the lists it is given, which changed
+        # LDFLAGS, and so the next kernel's digest, with every build made earlier in the process.
+        return cpp_extension.load(f"loraserve_{name}_{digest}", [str(source)], extra_cflags=list(cflags),
+                                  extra_ldflags=list(LDFLAGS))
     except Exception as e:    # no compiler, no ninja, headers missing: the PyTorch path still works
         log.warning("CPU %s kernel not built (%s: %s); %s uses the PyTorch path", name, type(e).__name__,
                     str(e).splitlines()[0] if str(e) else "", purpose)
