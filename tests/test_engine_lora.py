@@ -14,6 +14,7 @@ from loraserve.config import EngineConfig, LoRAConfig
 from loraserve.engine.llm_engine import LLMEngine, UnknownModelError
 from loraserve.engine.sampling_params import SamplingParams
 from loraserve.lora.adapter import AdapterError
+from loraserve.lora.arena import hugepages_supported
 from loraserve.model.cpu_gemm import supported
 from test_engine_parity import record_logits
 from tiny_models import VOCAB, IdTokenizer, tiny_model
@@ -91,6 +92,9 @@ def test_base_and_adapter_outputs_do_not_depend_on_batch_neighbours(adapters, dt
     with_neighbours = run(mixed, [(p[0], None), (p[1], "a"), (p[2], "b"), (p[3], "c")])
     if shutil.which("c++") or shutil.which("g++"):   # "a" is on every linear: every group bound its kernel
         assert mixed.lora.groups and all(g.kernel_group is not None for g in mixed.lora.groups)
+        if hugepages_supported():                     # and reads the adapters from huge-page memory
+            assert all(g.arena.holds(m.lora_a) and g.arena.holds(g.b_tiles[id(m)][1])
+                       for g in mixed.lora.groups for m in g.members)
     assert with_neighbours["r0"] == alone
     a_alone = run(lora_engine(adapters, dtype=dtype), [(p[1], "a")])["r0"]
     a_with_others = run(lora_engine(adapters, dtype=dtype), [(p[2], "c"), (p[1], "a"), (p[3], "b"), (p[0], None),

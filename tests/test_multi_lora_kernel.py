@@ -129,16 +129,22 @@ def test_no_members_adds_nothing(kernel):
     assert torch.equal(out, y)
 
 
-def test_slot_changes_recut_only_their_tiles_and_stay_exact(kernel):
+@pytest.mark.parametrize("with_arena", [False, True])
+def test_slot_changes_recut_only_their_tiles_and_stay_exact(kernel, with_arena):
     """A group re-cuts B tiles only for the slots that changed; after adapters come and go (a member
-    losing all its slots in between, a higher rank arriving) its tiles equal freshly cut ones."""
+    losing all its slots in between, a higher rank arriving) its tiles equal freshly cut ones. With a
+    huge-page arena (lora/arena.py) the A stacks and tiles the kernel reads live in it."""
     from loraserve.lora.adapter import ModuleDelta
+    from loraserve.lora.arena import HugePageArena, hugepages_supported
     from loraserve.lora.fused import ProjectionGroup
     from loraserve.lora.layers import MultiLoRALinear
 
+    if with_arena and not hugepages_supported():
+        pytest.skip("no MADV_HUGEPAGE here")
     torch.manual_seed(3)
     q, k = (MultiLoRALinear(torch.nn.Linear(32, o, bias=False), max_loras=3) for o in (40, 24))
-    group = ProjectionGroup([q, k], kernel)
+    arena = HugePageArena(chunk_bytes=4 << 20) if with_arena else None
+    group = ProjectionGroup([q, k], kernel, arena)
 
     def delta(r, out, **kw):
         return ModuleDelta(lora_a=torch.randn(r, 32), lora_b=torch.randn(out, r), scaling=0.5, rank=r, **kw)
@@ -149,6 +155,8 @@ def test_slot_changes_recut_only_their_tiles_and_stay_exact(kernel):
             if m.slots_used:
                 _, tiles = group.b_tiles[id(m)]
                 assert torch.equal(tiles, column_tiles(m.lora_bt, kernel.b_pairs(m.lora_bt)))
+                if arena is not None:
+                    assert arena.holds(tiles) and arena.holds(m.lora_a)
 
     q.set_slot(0, delta(4, 40)), k.set_slot(0, delta(4, 24))
     check()

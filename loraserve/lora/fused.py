@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from loraserve.engine.context import get_context
+from loraserve.lora.arena import HugePageArena
 from loraserve.lora.layers import MultiLoRALinear
 from loraserve.model.cpu_gemm import PackedLinear, PackedWeight, gemm_kernel
 from loraserve.model.fused_linear import SIBLINGS, SiblingGroup, stack_rows
@@ -38,9 +39,11 @@ KERNEL_TILE = 16    # output columns per B tile: the C++ kernel's vector width (
 
 
 class ProjectionGroup(SiblingGroup):
-    def __init__(self, members: list[MultiLoRALinear], kernel: object | None = None) -> None:
+    def __init__(self, members: list[MultiLoRALinear], kernel: object | None = None,
+                 arena: HugePageArena | None = None) -> None:
         super().__init__(members)
         self.kernel = kernel                              # kernels.multi_lora() or None
+        self.arena = arena                                # kernel path: where the A stacks and B tiles live
         self.outs = [m.out_features for m in members]
         self.stale = True                                 # a member's slot changed since the last _sync
         self.changed_slots: set[int] = set()              # which slots, since then
@@ -50,9 +53,10 @@ class ProjectionGroup(SiblingGroup):
         # PyTorch path: per member [O_g, L*r], every slot's scaling * B.
         self.b_members: list[torch.Tensor] = []
         # Kernel path: the members with LoRA (their A, B tiles, first column and width) bound in C++;
-        # each member's B tiles with the lora_bt they were cut from.
+        # each member's B tiles with the lora_bt they were cut from, and its A as moved into the arena.
         self.kernel_group: object | None = None
         self.b_tiles: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.a_moved: dict[int, torch.Tensor] = {}
         # Packed copies (CPU bf16, see cpu_gemm.py), packed once the slots have been stable for a while.
         # With the kernel the stack holds base weights only, which never change: packed at once. The stack
         # runs on the GEMM its members were packed for, so base columns keep their bits stacked or alone.
@@ -101,27 +105,35 @@ class ProjectionGroup(SiblingGroup):
         # The kernel reads each member's A in place and B as column tiles: only base weights are stacked.
         if self.w_cat is None:
             self._stack_base(0)
+        # Members that had LoRA keep their buffers and tiles up to date even while no slot uses them, so
+        # an adapter coming back finds them in place: buffers are cut again only when a higher rank arrives.
+        for m in self.members:
+            if m.lora_a.shape[1]:
+                self._move_a(m)
+                self._b_tiles(m)
+        self.changed_slots.clear()
         cols = [sum(self.outs[:g]) for g in range(len(self.members))]
         lora = [(m, c) for m, c in zip(self.members, cols) if m.slots_used and m.lora_a.shape[1]]
-        for m in set(self.members) - {m for m, _ in lora}:   # no LoRA now: its tiles would miss the next
-            self.b_tiles.pop(id(m), None)                    # changes, so they are cut afresh later
-        tiles = [self._b_tiles(m) for m, _ in lora]
-        self.changed_slots.clear()
-        self.kernel_group = self.kernel.Group([m.lora_a for m, _ in lora], tiles, [c for _, c in lora],
-                                              [m.out_features for m, _ in lora]) if lora else None
+        self.kernel_group = self.kernel.Group([m.lora_a for m, _ in lora], [self.b_tiles[id(m)][1] for m, _ in lora],
+                                              [c for _, c in lora], [m.out_features for m, _ in lora]) if lora else None
 
-    def _b_tiles(self, member: MultiLoRALinear) -> torch.Tensor:
-        """`member`'s B as the kernel's column tiles: only the slots that changed are cut again, unless
+    def _move_a(self, member: MultiLoRALinear) -> None:
+        """Move `member`'s A stack into the arena (once per rank: later slot writes land there in place)."""
+        if self.arena is not None and member.lora_a is not self.a_moved.get(id(member)):
+            member.lora_a = self.a_moved[id(member)] = self.arena.copy(member.lora_a)
+
+    def _b_tiles(self, member: MultiLoRALinear) -> None:
+        """Cut `member`'s B into the kernel's column tiles: only the slots that changed are cut again, unless
         lora_bt itself was replaced (a higher rank arrived) or the member had no tiles yet."""
         source, tiles = self.b_tiles.get(id(member), (None, None))
         pairs = self.kernel.b_pairs(member.lora_bt)
         if source is not member.lora_bt:
             tiles = column_tiles(member.lora_bt, pairs)
+            tiles = tiles if self.arena is None else self.arena.copy(tiles)
         else:
             for slot in self.changed_slots:
                 tiles[slot] = column_tiles(member.lora_bt[slot:slot + 1], pairs)[0]
         self.b_tiles[id(member)] = (member.lora_bt, tiles)
-        return tiles
 
     def _sync_stacks(self) -> None:
         rank = max(m.lora_a.shape[1] for m in self.members)
@@ -189,14 +201,16 @@ def column_tiles(bt: torch.Tensor, pairs: bool, width: int = KERNEL_TILE) -> tor
     return t.reshape(L, n, -1, 2, width).transpose(3, 4).contiguous()
 
 
-def link_projection_groups(model: nn.Module, kernel: object | None = None) -> list[ProjectionGroup]:
+def link_projection_groups(model: nn.Module, kernel: object | None = None,
+                           arena: HugePageArena | None = None) -> list[ProjectionGroup]:
     """Group sibling projections that read the same input (same parent, known names, same in_features);
-    o_proj and down_proj form groups of one. `kernel`: the C++ multi-LoRA kernel, or None for PyTorch."""
+    o_proj and down_proj form groups of one. `kernel`: the C++ multi-LoRA kernel, or None for PyTorch;
+    `arena`: where the kernel path keeps the adapters' A stacks and B tiles (None: ordinary memory)."""
     groups = []
     for parent in model.modules():
         for names in GROUPS:
             members = [getattr(parent, n, None) for n in names]
             members = [m for m in members if isinstance(m, MultiLoRALinear)]
             if members and len({m.in_features for m in members}) == 1:
-                groups.append(ProjectionGroup(members, kernel))
+                groups.append(ProjectionGroup(members, kernel, arena))
     return groups

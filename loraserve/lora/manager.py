@@ -31,6 +31,7 @@ import torch
 from torch import nn
 
 from loraserve.lora.adapter import AdapterError, LoRAAdapter, load_adapter
+from loraserve.lora.arena import HugePageArena, hugepages_supported
 from loraserve.lora.fused import link_projection_groups
 from loraserve.lora.layers import MultiLoRAEmbedding, MultiLoRALinear, _MultiLoRA
 
@@ -139,7 +140,9 @@ class LoRAManager:
             layer = cls(module, self.max_loras).to(self.device)
             setattr(parent, attr, layer)
             self.layers[name] = layer
-        self.groups = link_projection_groups(model, self.kernel)
+        # The kernel streams the adapters from memory every step: keep them on huge pages (lora/arena.py).
+        arena = HugePageArena() if self.kernel is not None and hugepages_supported() else None
+        self.groups = link_projection_groups(model, self.kernel, arena)
         for group in self.groups:
             group.prepare()
         head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
