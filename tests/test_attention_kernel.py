@@ -17,14 +17,14 @@ def kernel():
     return built_or_skip(kernels.paged_attention(), "the engine uses its PyTorch path")
 
 
-def reference(q, k_cache, v_cache, tables, lens, scale, softcap, window) -> torch.Tensor:
+def reference(q, k_cache, v_cache, tables, lens, scale, softcap, window, bs: int = BS) -> torch.Tensor:
     """Per sequence and head, in float64: softmax(q k^T * scale [soft-capped]) v over its visible keys."""
     b_, h, d = q.shape
     hkv = k_cache.shape[0]
     out = torch.empty(b_, h, d, dtype=torch.float64)
     for b in range(b_):
         n = int(lens[b])
-        slots = torch.tensor([int(tables[b, t // BS]) * BS + t % BS for t in range(n)])
+        slots = torch.tensor([int(tables[b, t // bs]) * bs + t % bs for t in range(n)])
         first = max(0, n - window) if window > 0 else 0
         k = k_cache[:, slots[first:]].double()          # [Hkv, n', D]
         v = v_cache[:, slots[first:]].double()
@@ -37,14 +37,14 @@ def reference(q, k_cache, v_cache, tables, lens, scale, softcap, window) -> torc
     return out
 
 
-def case(seed: int, b: int, h: int, hkv: int, d: int, dtype: torch.dtype, max_len: int = 40):
+def case(seed: int, b: int, h: int, hkv: int, d: int, dtype: torch.dtype, max_len: int = 40, bs: int = BS):
     g = torch.Generator().manual_seed(seed)
     num_blocks = 64
-    k_cache = torch.randn(hkv, num_blocks * BS, d, generator=g).to(dtype)
-    v_cache = torch.randn(hkv, num_blocks * BS, d, generator=g).to(dtype)
+    k_cache = torch.randn(hkv, num_blocks * bs, d, generator=g).to(dtype)
+    v_cache = torch.randn(hkv, num_blocks * bs, d, generator=g).to(dtype)
     lens = torch.randint(1, max_len + 1, (b,), generator=g)
     lens[0] = 1                                                     # a one-token context
-    width = -(-max_len // BS)
+    width = -(-max_len // bs)
     tables = torch.stack([torch.randperm(num_blocks, generator=g)[:width] for _ in range(b)])
     q = torch.randn(b, h, d, generator=g).to(dtype)
     return q, k_cache, v_cache, tables, lens
@@ -61,17 +61,20 @@ def test_float32_equals_the_reference(kernel, h, hkv, d, softcap, window):
     assert (got.double() - want).abs().max() < 1e-5
 
 
-def test_bfloat16_is_close_to_the_reference(kernel):
-    q, k, v, tables, lens = case(1, 8, 9, 3, 64, torch.bfloat16)
-    got = kernel.paged_decode_attention(q, k, v, tables, lens, BS, 0.125, 0.0, 0)
-    want = reference(q, k, v, tables, lens, 0.125, 0.0, 0)
+@pytest.mark.parametrize("h,hkv,d", [(9, 3, 64), (8, 2, 128), (6, 2, 24)])   # 64, 128: vdpbf16ps scores
+@pytest.mark.parametrize("softcap,window", [(0.0, 0), (0.0, 7), (30.0, 0)])
+@pytest.mark.parametrize("bs", [BS, 16, 32])                     # keys scored 16 at a time: partial, whole, two
+def test_bfloat16_is_close_to_the_reference(kernel, h, hkv, d, softcap, window, bs):
+    q, k, v, tables, lens = case(h + d + window, 8, h, hkv, d, torch.bfloat16, max_len=70, bs=bs)
+    got = kernel.paged_decode_attention(q, k, v, tables, lens, bs, 0.125, softcap, window)
+    want = reference(q, k, v, tables, lens, 0.125, softcap, window, bs)
     assert got.dtype == torch.bfloat16
     assert (got.double() - want).abs().max() < 2e-2      # inputs and output rounded to bf16, math in float32
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_a_sequence_gets_the_same_bits_whatever_shares_its_batch(kernel, dtype):
-    q, k, v, tables, lens = case(2, 8, 9, 3, 64, dtype)
+    q, k, v, tables, lens = case(2, 8, 9, 3, 64, dtype, max_len=70)
     together = kernel.paged_decode_attention(q, k, v, tables, lens, BS, 0.125, 0.0, 0)
     for i in (0, 3, 7):
         alone = kernel.paged_decode_attention(q[i:i + 1].contiguous(), k, v, tables[i:i + 1].contiguous(),
