@@ -104,8 +104,10 @@ def test_bad_arguments_are_refused(gemm):
         gemm.linear(x.float(), packed, 48)
     with pytest.raises(RuntimeError, match="expected a contiguous CPU bf16"):
         gemm.linear(x, w, 48)
-    with pytest.raises(RuntimeError, match="bias: expected 48"):
+    with pytest.raises(RuntimeError, match="bias: expected 48 CPU bf16"):
         gemm.linear(x, packed, 48, torch.zeros(47, dtype=BF16))
+    with pytest.raises(RuntimeError, match="bias: expected 48 CPU bf16"):
+        gemm.linear(x, packed, 48, torch.zeros(48))
     with pytest.raises(RuntimeError, match="pack: expected a CPU bf16"):
         gemm.pack(w.float())
 

@@ -44,7 +44,7 @@ namespace {
 // y[m][col] for MB rows x NB tiles starting at tile t0, over K (KP = ceil(K / 2) pairs). An odd K's last
 // pair reads x[K-1] alone: its partner's half of the broadcast is zero, as is the weight's padding.
 template <int MB, int NB>
-inline void block(const uint16_t* x, int64_t K, const uint16_t* w, int64_t KP, int64_t t0, const float* bias,
+inline void block(const uint16_t* x, int64_t K, const uint16_t* w, int64_t KP, int64_t t0, const uint16_t* bias,
                   uint16_t* y, int64_t N) {
   __m512 acc[MB][NB];
   for (int m = 0; m < MB; ++m)
@@ -76,7 +76,10 @@ inline void block(const uint16_t* x, int64_t K, const uint16_t* w, int64_t KP, i
     const int64_t col = (t0 + t) * TILE;
     const int64_t width = std::min<int64_t>(TILE, N - col);
     const __mmask16 mask = static_cast<__mmask16>((1u << width) - 1);
-    const __m512 b = bias ? _mm512_maskz_loadu_ps(mask, bias + col) : _mm512_setzero_ps();
+    // bf16 bias widened to float32 (its bits are the top half), added before the one rounding.
+    const __m512 b = bias ? _mm512_castsi512_ps(_mm512_slli_epi32(
+                                _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(mask, bias + col)), 16))
+                          : _mm512_setzero_ps();
     for (int m = 0; m < MB; ++m) {
       const __m512 sum = bias ? _mm512_add_ps(acc[m][t], b) : acc[m][t];
       const __m256bh h = _mm512_cvtneps_pbh(sum);                          // round to nearest even
@@ -86,7 +89,7 @@ inline void block(const uint16_t* x, int64_t K, const uint16_t* w, int64_t KP, i
 }
 
 template <int NB>
-void rows(const uint16_t* x, int64_t M, int64_t K, const uint16_t* w, int64_t KP, int64_t t0, const float* bias,
+void rows(const uint16_t* x, int64_t M, int64_t K, const uint16_t* w, int64_t KP, int64_t t0, const uint16_t* bias,
           uint16_t* y, int64_t N) {
   int64_t m = 0;
   for (; m + ROWS <= M; m += ROWS) block<ROWS, NB>(x + m * K, K, w, KP, t0, bias, y + m * N, N);
@@ -111,16 +114,17 @@ torch::Tensor linear(const torch::Tensor& x_in, const torch::Tensor& packed, int
   std::vector<int64_t> shape(x_in.sizes().begin(), x_in.sizes().end());
   shape.back() = N;
   torch::Tensor y = torch::empty(shape, x_in.options());
-  torch::Tensor bias;
+  torch::Tensor bias;   // read as it is: no float copy made mid-forward (Qwen-style q/k/v biases)
   if (bias_in.has_value() && bias_in->defined()) {
-    TORCH_CHECK(bias_in->device().is_cpu() && bias_in->numel() == N, "bias: expected ", N, " CPU values");
-    bias = bias_in->to(at::kFloat).contiguous();
+    TORCH_CHECK(bias_in->device().is_cpu() && bias_in->scalar_type() == at::kBFloat16 && bias_in->numel() == N,
+                "bias: expected ", N, " CPU bf16 values");
+    bias = bias_in->contiguous();
   }
   if (M == 0 || N == 0) return y;
   const auto* xp = reinterpret_cast<const uint16_t*>(x.data_ptr());
   const auto* wp = reinterpret_cast<const uint16_t*>(packed.data_ptr());
   auto* yp = reinterpret_cast<uint16_t*>(y.data_ptr());
-  const float* bp = bias.defined() ? bias.data_ptr<float>() : nullptr;
+  const auto* bp = bias.defined() ? reinterpret_cast<const uint16_t*>(bias.data_ptr()) : nullptr;
   const int64_t blocks = (NT + TILES - 1) / TILES;
   // Threads split the columns only: each element is still summed by one lane, in one order.
   at::parallel_for(0, blocks, 1, [&](int64_t b0, int64_t b1) {
