@@ -3,12 +3,10 @@ summation and one bf16 rounding of it; each row the same bits whatever shares it
 threads run; stacked columns the same bits as separate ones; bad arguments refused with a message; and an
 engine on such a CPU runs every linear layer through it."""
 
-import shutil
-from pathlib import Path
-
 import pytest
 import torch
 
+from kernel_fixtures import built_or_skip
 from loraserve.config import EngineConfig, LoRAConfig
 from loraserve.engine.llm_engine import LLMEngine
 from loraserve.lora.fused import ProjectionGroup
@@ -20,23 +18,11 @@ from tiny_models import IdTokenizer, tiny_model
 BF16 = torch.bfloat16
 
 
-def _has_bf16_dot() -> bool:
-    try:
-        return " avx512_bf16" in Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-
-
 @pytest.fixture(scope="module")
 def gemm():
-    if not _has_bf16_dot():
+    if "avx512_bf16" not in kernels._cpu_flags().split():
         pytest.skip("this CPU has no AVX512-BF16: bf16 linear layers use oneDNN")
-    module = kernels.gemm()
-    if module is None:
-        if shutil.which("c++") or shutil.which("g++"):
-            pytest.fail("a C++ compiler is here but the GEMM kernel did not build: see the logged warning")
-        pytest.skip("no C++ compiler: bf16 linear layers use oneDNN")
-    return module
+    return built_or_skip(kernels.gemm(), "bf16 linear layers use oneDNN")
 
 
 def data(rows: int, in_f: int, out_f: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
