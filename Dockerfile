@@ -12,7 +12,7 @@ ENV PIP_NO_CACHE_DIR=1 PYTHONUNBUFFERED=1
 WORKDIR /app
 # The CPU build of the pinned torch; for CUDA use a CUDA base image and drop --index-url.
 RUN pip install torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu
-# g++ builds the CPU bf16 GEMM, decode-attention and multi-LoRA kernels (loraserve/model/csrc); without it the
+# g++ builds the CPU bf16 GEMM, decode-attention, multi-LoRA and layer-op kernels (loraserve/model/csrc); without it the
 # PyTorch paths run.
 RUN apt-get update && apt-get install -y --no-install-recommends g++ && rm -rf /var/lib/apt/lists/*
 COPY pyproject.toml README.md ./
@@ -21,7 +21,7 @@ RUN pip install .
 # Build the kernels into the image, so a container does not compile them (~20 s each) at start. They are
 # built for the build machine's CPU; on a CPU with other features the server builds its own at first start.
 # (The GEMM is None where the build machine has no AVX512-BF16: oneDNN then.)
-RUN python -c "from loraserve.model import kernels; assert kernels.paged_attention() and kernels.multi_lora(); kernels.gemm()"
+RUN python -c "from loraserve.model import kernels as k; assert k.paged_attention() and k.multi_lora() and k.layer_ops(); k.gemm()"
 
 # What to serve; override with -e. LORASERVE_EXPECT may stay empty (then any difference from the base passes).
 ENV LORASERVE_MODEL=/models/base \

@@ -18,6 +18,7 @@ class EngineConfig:
     seed: int = 0
     prepack_weights: bool = True            # CPU bf16: oneDNN-packed weight copies (model/cpu_gemm.py)
     cpu_kernels: bool = True                # CPU: the C++ decode-attention and multi-LoRA kernels (model/kernels.py)
+    lean_forward: bool = True               # Llama/Qwen2/Mistral: loraserve's flat layer loop (model/decoder.py)
     num_threads: int | None = None          # torch threads of the async serving loop (None: torch's default)
     trust_remote_code: bool = False
     lora: "LoRAConfig" = field(default_factory=lambda: LoRAConfig())

@@ -13,6 +13,7 @@ from loraserve.engine.sampling_params import SamplingParams
 from tiny_models import ARCHS, VOCAB, IdTokenizer, tiny_model
 
 PROMPT_LENS = [3, 17, 9, 30, 1, 12]
+LEAN_ARCHS = {"llama", "qwen2", "mistral"}
 
 
 def make_engine(model, **overrides) -> LLMEngine:
@@ -35,11 +36,14 @@ def record_logits(engine: LLMEngine, batches: list) -> list[tuple[str, int, torc
     return seen
 
 
+@pytest.mark.parametrize("lean", [True, False], ids=["lean-forward", "hf-forward"])
 @pytest.mark.parametrize("cpu_kernels", [True, False], ids=["cpp-decode", "torch-decode"])
 @pytest.mark.parametrize("arch", ARCHS)
-def test_paged_logits_match_transformers(arch, cpu_kernels):
+def test_paged_logits_match_transformers(arch, cpu_kernels, lean):
     model, ref = tiny_model(arch)
-    engine = make_engine(model, cpu_kernels=cpu_kernels)
+    engine = make_engine(model, cpu_kernels=cpu_kernels, lean_forward=lean)
+    # model/decoder.py's flat loop runs the Llama family; every other model keeps transformers' forward.
+    assert (engine.runner.decoder is not None) == (lean and arch in LEAN_ARCHS)
     if cpu_kernels and (shutil.which("c++") or shutil.which("g++")):
         assert engine.runner.decode_kernel is not None      # decodes really ran through the C++ kernel
     if not cpu_kernels:
@@ -72,3 +76,27 @@ def test_paged_logits_match_transformers(arch, cpu_kernels):
     # The run really chunked a prompt and mixed prefill chunks with decodes in one forward.
     assert any(1 < n < plen for b in batches for plen, n in b)
     assert any(any(n == 1 for _, n in b) and any(n > 1 for _, n in b) for b in batches)
+
+
+@pytest.mark.parametrize("arch", sorted(LEAN_ARCHS))
+def test_lean_forward_with_pytorch_ops_is_transformers_forward_bit_for_bit_in_bf16(arch):
+    """The flat loop with PyTorch ops (CUDA, --no-cpu-kernels) does transformers' arithmetic in its order:
+    bf16 logits equal the transformers-forward engine's to the last bit. (The C++ ops may differ in a
+    rare last bit of RMSNorm and SiLU; tests/test_layer_ops.py bounds them.)"""
+    outs = []
+    for lean in (True, False):
+        model, _ = tiny_model(arch, dtype=torch.bfloat16)
+        engine = make_engine(model, cpu_kernels=False, lean_forward=lean)
+        assert (engine.runner.decoder is not None) == lean
+        seen = record_logits(engine, [])
+        g = torch.Generator().manual_seed(2)
+        for i, n in enumerate(PROMPT_LENS):
+            engine.add_request(f"r{i}", torch.randint(0, VOCAB, (n,), generator=g).tolist(),
+                               SamplingParams(max_tokens=6, temperature=0, ignore_eos=True))
+        while engine.has_unfinished():
+            engine.step()
+        outs.append(sorted(seen, key=lambda r: r[:2]))
+    lean_rows, hf_rows = outs
+    assert [r[:2] for r in lean_rows] == [r[:2] for r in hf_rows] and len(lean_rows) == 6 * len(PROMPT_LENS)
+    for (rid, n, a), (_, _, b) in zip(lean_rows, hf_rows):
+        assert torch.equal(a, b), f"{arch} {rid} at {n}"

@@ -42,7 +42,8 @@ def test_fused_members_equal_their_own_linears_bit_for_bit(dtype, bias, packed):
         for n, out in zip(names, outs):
             w, b = weights[n]
             assert torch.equal(out, F.linear(x, w, None if b is None else b.detach()))
-            assert out.is_contiguous()
+        # Column views of the one GEMM's output, not copies: consumers read rows that lie apart.
+        assert len({o.untyped_storage().data_ptr() for o in outs}) == 1
 
 
 def test_a_member_called_with_another_input_computes_again():

@@ -25,6 +25,7 @@ from loraserve.lora.manager import AdapterConflict, LoadReport, LoRAManager
 from loraserve.model import kernels
 from loraserve.model.attention import ATTN_NAME
 from loraserve.model.cpu_gemm import prepack_linears
+from loraserve.model.decoder import LeanDecoder, unsupported_reason
 from loraserve.model.fused_linear import fuse_sibling_linears
 from loraserve.model.loader import load_model
 from loraserve.model.sampler import Sampler
@@ -85,8 +86,9 @@ class LLMEngine:
         self.kv_cache = KVCache(specs, num_blocks, config.block_size, self.dtype, self.device)
         self.blocks = BlockManager(num_blocks, config.block_size)
         self.runner = ModelRunner(self.model, self.kv_cache, self.device,
-                                  kernels.paged_attention() if self._cpu_kernels() else None)
-        self.sampler = Sampler(config.seed)
+                                  kernels.paged_attention() if self._cpu_kernels() else None,
+                                  self._lean_decoder(config))   # LoRA may wrap its modules later: looked up per call
+        self.sampler = Sampler(config.seed, kernels.layer_ops() if self._cpu_kernels() else None)
         self.lora = self._load_adapters(config) if config.lora.enable_lora else None
         self.scheduler = Scheduler(self.blocks, config.max_num_seqs,
                                    max(config.max_num_batched_tokens, config.max_num_seqs),
@@ -96,6 +98,19 @@ class LLMEngine:
         self.failed: list[tuple[str, Exception]] = []
         log.info("engine ready: %s on %s (%s), %d KV blocks of %d tokens, max_model_len %d",
                  self.served_model_name, self.device, self.dtype, num_blocks, config.block_size, self.max_model_len)
+
+    def _lean_decoder(self, config: EngineConfig) -> LeanDecoder | None:
+        """model/decoder.py's flat forward where the model is one it reproduces (logged either way)."""
+        if not config.lean_forward:
+            return None
+        why = unsupported_reason(self.model)
+        if why is not None:
+            log.info("transformers' forward runs this model (the lean forward does not cover %s)", why)
+            return None
+        ops = kernels.layer_ops() if self._cpu_kernels() else None
+        log.info("lean forward over %d layers, %s small ops", len(self.model.model.layers),
+                 "C++" if ops is not None else "PyTorch")
+        return LeanDecoder(self.model, ops)
 
     def _cpu_kernels(self) -> bool:
         """Whether this engine uses the C++ CPU kernels (model/csrc): on CPU in float32 or bfloat16."""

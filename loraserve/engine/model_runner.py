@@ -13,13 +13,16 @@ from loraserve.engine.kv_cache import KVCache
 from loraserve.engine.scheduler import ScheduledBatch
 from loraserve.engine.sequence import Sequence
 from loraserve.model.attention import AttentionGroup, AttentionMetadata
+from loraserve.model.decoder import LeanDecoder
 
 PAD_POS = 1 << 30   # position given to padding keys: after every query, so causality hides them
 
 
 class ModelRunner:
-    def __init__(self, model: nn.Module, kv_cache: KVCache, device: torch.device, decode_kernel: object | None = None):
+    def __init__(self, model: nn.Module, kv_cache: KVCache, device: torch.device, decode_kernel: object | None = None,
+                 decoder: LeanDecoder | None = None):
         self.model = model
+        self.decoder = decoder                      # model/decoder.py's flat forward, or None: transformers' own
         self.kv_cache = kv_cache
         self.block_size = kv_cache.block_size
         self.device = device
@@ -106,5 +109,8 @@ class ModelRunner:
         """Forward the batch; return logits [S, V] of the sequences that sample this step."""
         inputs, ctx, sampling = self.prepare(batch)
         with forward_context(ctx):
+            if self.decoder is not None:
+                ids, pos = inputs["input_ids"][0], inputs["position_ids"][0]
+                return self.decoder(ids, pos, inputs["logits_to_keep"]), sampling
             out = self.model(**inputs, use_cache=False)
         return out.logits[0], sampling

@@ -167,9 +167,7 @@ class ProjectionGroup(SiblingGroup):
             if self.kernel_group is not None and lora is not None and lora.any_lora:
                 # y += each row's own delta, in place; base rows are not touched.
                 self.kernel_group.apply(x, lora.token_slots, y)
-            if len(self.outs) == 1:
-                return [y]
-            return [o.contiguous() for o in y.split(self.outs, dim=-1)]
+            return list(y.split(self.outs, dim=-1))    # column views, as FusedLinearGroup returns
         x2 = x.reshape(-1, self.members[0].in_features)
         y = self.packed_w.linear(x2, self.w_cat, self.b_cat)
         shape = x.shape[:-1]

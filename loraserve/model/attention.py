@@ -81,17 +81,23 @@ def _gather(cache: torch.Tensor, blocks: torch.Tensor, block_size: int) -> torch
     return cache.view(hkv, -1, block_size, d).index_select(1, blocks.view(-1)).view(hkv, b, nb * block_size, d)
 
 
-def paged_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-                    attention_mask: torch.Tensor | None, scaling: float | None = None, dropout: float = 0.0,
-                    sliding_window: int | None = None, softcap: float | None = None, **kwargs):
-    md: AttentionMetadata = get_context().attn
-    k_cache, v_cache, owns = md.kv_cache.layer(module.layer_idx)
-    if owns:   # key/value [1, Hkv, T, D] go to their slots of the [Hkv, slots, D] caches
-        k_cache.index_copy_(1, md.slot_mapping, key[0].to(k_cache.dtype))
-        v_cache.index_copy_(1, md.slot_mapping, value[0].to(v_cache.dtype))
-    h, t, d = query.shape[1:]
+def write_kv(md: AttentionMetadata, layer_idx: int, key: torch.Tensor, value: torch.Tensor) -> None:
+    """key/value [T, Hkv, D] of this step's tokens go to their slots of the layer's [Hkv, slots, D] caches
+    (a layer that reads another layer's cache, Gemma's KV sharing, writes nothing)."""
+    k_cache, v_cache, owns = md.kv_cache.layer(layer_idx)
+    if owns:
+        k_cache.index_copy_(1, md.slot_mapping, key.transpose(0, 1).to(k_cache.dtype))
+        v_cache.index_copy_(1, md.slot_mapping, value.transpose(0, 1).to(v_cache.dtype))
+
+
+def attend(md: AttentionMetadata, layer_idx: int, query: torch.Tensor, scaling: float | None,
+           sliding_window: int | None, softcap: float | None) -> torch.Tensor:
+    """query [T, H, D] (any strides) -> [T, H, D]: each token attends over its own sequence's cached
+    context, the step's own keys included (write_kv first)."""
+    k_cache, v_cache, _ = md.kv_cache.layer(layer_idx)
+    t, h, d = query.shape
     hkv = k_cache.shape[0]
-    q = query[0].view(hkv, h // hkv, t, d)                              # [Hkv, G, T, D]
+    q = query.transpose(0, 1).view(hkv, h // hkv, t, d)                # [Hkv, G, T, D]
     bs = md.kv_cache.block_size
     out = None
     for g in md.groups:
@@ -99,7 +105,7 @@ def paged_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Ten
         rows = g.rows if g.span is None else g.span                     # a slice reads a view, not a gather
         if g.seq_lens is not None and md.decode_kernel is not None and query.dtype == k_cache.dtype:
             # One query token per sequence: the C++ kernel reads K/V in place from the cache's blocks.
-            qd = query[0][:, rows].reshape(h, b, d).transpose(0, 1).contiguous()       # [B, H, D]
+            qd = query[rows].reshape(b, h, d).contiguous()                             # [B, H, D]
             o = md.decode_kernel.paged_decode_attention(
                 qd, k_cache, v_cache, g.kv_blocks, g.seq_lens, bs, scaling if scaling is not None else d ** -0.5,
                 softcap or 0.0, sliding_window or 0)
@@ -109,11 +115,21 @@ def paged_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Ten
             o = _attend(qg, kg, vg, g.blocked(sliding_window), scaling, softcap)   # [Hkv, B, G * q_len, D]
             o = o.view(hkv, b, h // hkv, n, d).permute(1, 3, 0, 2, 4).reshape(b * n, h, d)
         if g.span == slice(0, t):       # one group holds the whole batch (a pure decode step)
-            return o.unsqueeze(0), None
+            return o
         if out is None:
             out = query.new_empty(t, h, d)
         out[rows] = o.view(b, n, h, d) if g.span is None else o
-    return out.unsqueeze(0), None                                       # [1, T, H, D] like sdpa
+    return out
+
+
+def paged_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                    attention_mask: torch.Tensor | None, scaling: float | None = None, dropout: float = 0.0,
+                    sliding_window: int | None = None, softcap: float | None = None, **kwargs):
+    """transformers' attention interface: query [1, H, T, D], key/value [1, Hkv, T, D] -> [1, T, H, D]."""
+    md: AttentionMetadata = get_context().attn
+    write_kv(md, module.layer_idx, key[0].transpose(0, 1), value[0].transpose(0, 1))
+    out = attend(md, module.layer_idx, query[0].transpose(0, 1), scaling, sliding_window, softcap)
+    return out.unsqueeze(0), None                                       # like sdpa
 
 
 def _no_mask(*args, **kwargs):

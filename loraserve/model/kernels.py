@@ -26,6 +26,8 @@ CFLAGS = ["-O3", "-march=native", "-fopenmp", "-fno-math-errno", "-fassociative-
 # The multi-LoRA kernel blocks rows that share an adapter and must give each row the same bits either
 # way, so the compiler may not reorder its sums: it spells out its SIMD and only fuses a*b+c into FMAs.
 CFLAGS_EXACT = ["-O3", "-march=native", "-fopenmp", "-ffp-contract=fast"]
+# The lean forward's small ops reproduce PyTorch's rounding step by step: no FMA contraction at all.
+CFLAGS_NO_FMA = ["-O3", "-march=native", "-fopenmp", "-ffp-contract=off", "-fno-math-errno", "-fno-trapping-math"]
 LDFLAGS = ["-fopenmp"]
 
 
@@ -74,3 +76,9 @@ def gemm() -> object | None:
         log.info("this CPU has no AVX512-BF16: bf16 linear layers use oneDNN")
         return None
     return module
+
+
+@functools.cache
+def layer_ops() -> object | None:
+    """The compiled small ops of model/decoder.py (RMSNorm, RoPE, SiLU, argmax), or None (logged)."""
+    return _build("layer_ops", "the lean forward's norms, RoPE and SiLU", CFLAGS_NO_FMA)
