@@ -131,6 +131,10 @@ class AsyncEngine:
         if stream is not None:
             stream.put_nowait(item)
 
+    def _deliver_step(self, outputs: list[RequestOutput]) -> None:
+        for out in outputs:
+            self._deliver(out.request_id, out)
+
     def _publish(self, request_id: str, item) -> None:
         self._loop.call_soon_threadsafe(self._deliver, request_id, item)
 
@@ -200,8 +204,8 @@ class AsyncEngine:
                     self.engine.abort(request_id)
                     self._publish(request_id, RuntimeError(f"engine step failed: {e}"))
                 continue
-            for out in outputs:
-                self._publish(out.request_id, out)
+            if outputs:   # one wake-up of the event loop per step, not one per request
+                self._loop.call_soon_threadsafe(self._deliver_step, outputs)
             while self.engine.failed:
                 self._publish(*self.engine.failed.pop())
         self._fail_calls()
