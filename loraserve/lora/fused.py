@@ -150,6 +150,9 @@ class ProjectionGroup(SiblingGroup):
             self.w_cat[rows] = m.lora_a.reshape(L * rank, in_dim)
             self.b_members[g].copy_(m.lora_bt.reshape(L * rank, o).t())
 
+    def outputs(self, x: torch.Tensor) -> list[torch.Tensor] | None:
+        return self._compute(x) if self.plain() else None   # not plain: each member runs its own forward
+
     def forward(self, member: MultiLoRALinear, x: torch.Tensor) -> torch.Tensor:
         if len(self.outs) == 1:             # o_proj, down_proj: nothing to keep for a sibling
             return self._compute(x)[0]

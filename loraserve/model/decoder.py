@@ -98,6 +98,17 @@ def unsupported_reason(model: nn.Module) -> str | None:
     return None
 
 
+def _project(x: torch.Tensor, modules: list[nn.Module]) -> list[torch.Tensor]:
+    """The modules' outputs for x: from their sibling group in one call where they form one (the fused
+    q/k/v or gate/up GEMM, with or without LoRA), else module by module."""
+    group = getattr(modules[0], "group", None)
+    if group is not None and group.members == modules:
+        outs = group.outputs(x)
+        if outs is not None:
+            return outs
+    return [m(x) for m in modules]
+
+
 class LeanDecoder:
     """Runs a Llama-family causal LM over one packed batch: ids [T], positions [T] -> logits of the
     `keep` rows. The attention metadata and LoRA slots come from the forward context, as for the
@@ -107,6 +118,9 @@ class LeanDecoder:
         self.model, self.inner = model, model.model      # modules are looked up per call: LoRA may wrap them
         self.layers = list(self.inner.layers)
         self.windows = [_layer_window(layer) for layer in self.layers]
+        # (weight, eps) of each layer's two norms: LoRA never wraps a norm, so these are fixed.
+        self.norms = [[(n.weight, n.variance_epsilon) for n in (layer.input_layernorm, layer.post_attention_layernorm)]
+                      for layer in self.layers]
         attn = self.layers[0].self_attn
         self.head_dim, self.scaling = attn.head_dim, attn.scaling
         self.ops = ops if ops is not None else TorchOps
@@ -122,19 +136,20 @@ class LeanDecoder:
         t = residual.shape[0]
         h = None
         for i, layer in enumerate(self.layers):
-            norm = layer.input_layernorm
-            x = ops.rms_norm(residual, norm.weight, norm.variance_epsilon) if h is None else \
-                ops.add_rms_norm(h, residual, norm.weight, norm.variance_epsilon)
-            attn = layer.self_attn
-            q, k, v = attn.q_proj(x).view(t, -1, d), attn.k_proj(x).view(t, -1, d), attn.v_proj(x).view(t, -1, d)
+            (w_in, eps_in), (w_post, eps_post) = self.norms[i]
+            x = ops.rms_norm(residual, w_in, eps_in) if h is None else ops.add_rms_norm(h, residual, w_in, eps_in)
+            # Submodules through _modules: nn.Module.__getattr__ costs ~1 us a lookup (~500 a step).
+            attn = layer._modules["self_attn"]
+            m = attn._modules
+            q, k, v = (p.view(t, -1, d) for p in _project(x, [m["q_proj"], m["k_proj"], m["v_proj"]]))
             k_cache, v_cache, _ = md.kv_cache.layer(i)          # every layer of these models owns its cache
             q = ops.rope_write_kv(q, k, v, cos, sin, k_cache, v_cache, md.slot_mapping)
             o = attention.attend(md, i, q, self.scaling, self.windows[i], None)
-            h = attn.o_proj(o.reshape(t, -1))
-            norm = layer.post_attention_layernorm
-            x = ops.add_rms_norm(h, residual, norm.weight, norm.variance_epsilon)
-            mlp = layer.mlp
-            h = mlp.down_proj(ops.silu_mul(mlp.gate_proj(x), mlp.up_proj(x)))
+            h = m["o_proj"](o.reshape(t, -1))
+            x = ops.add_rms_norm(h, residual, w_post, eps_post)
+            m = layer._modules["mlp"]._modules
+            gate, up = _project(x, [m["gate_proj"], m["up_proj"]])
+            h = m["down_proj"](ops.silu_mul(gate, up))
         # Only the rows that sample need the final norm and the head.
         norm, head = self.inner.norm, self.model.lm_head
         x = ops.add_rms_norm(h[keep], residual[keep], norm.weight, norm.variance_epsilon)

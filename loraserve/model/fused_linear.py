@@ -38,6 +38,11 @@ class SiblingGroup:
         self._x, self._pending = x, {i: o for i, o in enumerate(outs) if i != idx}
         return outs[idx]
 
+    def outputs(self, x: torch.Tensor) -> list[torch.Tensor] | None:
+        """Every member's output for `x` from one call (model/decoder.py asks for them together), or None
+        where the members must run their own forward."""
+        return self._compute(x)
+
     def _compute(self, x: torch.Tensor) -> list[torch.Tensor]:
         raise NotImplementedError
 
