@@ -31,7 +31,7 @@ def data(rows: int, in_f: int, out_f: int, seed: int = 0) -> tuple[torch.Tensor,
             torch.randn(out_f, generator=g).to(BF16))
 
 
-@pytest.mark.parametrize("rows", [1, 3, 8, 16, 17, 100])
+@pytest.mark.parametrize("rows", [1, 3, 7, 8, 15, 16, 17, 100])
 @pytest.mark.parametrize("in_f,out_f", [(64, 96), (576, 960), (37, 40), (1536, 7), (2, 1)])
 @pytest.mark.parametrize("with_bias", [False, True])
 def test_matches_float64_reference(gemm, rows, in_f, out_f, with_bias):

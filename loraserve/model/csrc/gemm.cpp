@@ -43,25 +43,35 @@ namespace {
 
 // y[m][col] for MB rows x NB tiles starting at tile t0, over K (KP = ceil(K / 2) pairs). An odd K's last
 // pair reads x[K-1] alone: its partner's half of the broadcast is zero, as is the weight's padding.
-template <int MB, int NB>
+template <int MB, int NB, bool SHARED>
 inline void block(const uint16_t* x, int64_t K, const uint16_t* w, int64_t KP, int64_t t0, const uint16_t* bias,
-                  uint16_t* y, int64_t N) {
+                  uint16_t* y, int64_t N, int64_t pass, int64_t passes) {
   __m512 acc[MB][NB];
   for (int m = 0; m < MB; ++m)
     for (int t = 0; t < NB; ++t) acc[m][t] = _mm512_setzero_ps();
   const uint16_t* wt[NB];
   for (int t = 0; t < NB; ++t) wt[t] = w + (t0 + t) * KP * TILE * 2;
-  // While this block computes, every pass over its rows asks for the same part of the next block of
-  // tiles (the weight is packed in the order the blocks run): with 16 rows the second pass runs from
-  // cache, and without this the memory would sit idle through it (a batch-16 step's GEMMs 14.2 -> 11.3 ms).
-  // Into L1 (T0): 2-3% faster than T2 at 8 and 16 rows; one block or two ahead, the same.
+  // While this block computes, its passes over the rows (8 at a time) ask for the next block of tiles
+  // (the weight is packed in the order the blocks run), each pass for its share: with 16 rows the first
+  // pass requests the first half of the next block's k-pairs, the second pass the rest, so the memory
+  // streams through both passes instead of crowding into the first (a batch-16 step's GEMMs 13.1 ->
+  // 11.1 ms; all of it in every pass had taken 14.2 -> 11.3 ms over none). Into L1 (T0): 2-3% faster
+  // than T2.
   const int64_t next = NB * KP * TILE * 2;
+  int64_t ahead = pass * KP / passes, skip = 0;      // next k-pair to request; steps since the last one
   // One k-pair: a 32-bit broadcast of each row's two x values against NB tiles of the weight.
+  // SHARED (more than one pass): the counting above; one pass requests the k-pair it reads, one block on.
   auto step = [&](int64_t kp, size_t xbytes) {
     __m512bh wv[NB];
+    const bool request = SHARED ? ++skip == passes : true;
+    const int64_t want = SHARED ? ahead : kp;
     for (int t = 0; t < NB; ++t) {
-      _mm_prefetch(reinterpret_cast<const char*>(wt[t] + next + kp * TILE * 2), _MM_HINT_T0);
+      if (request) _mm_prefetch(reinterpret_cast<const char*>(wt[t] + next + want * TILE * 2), _MM_HINT_T0);
       wv[t] = (__m512bh)_mm512_loadu_si512(wt[t] + kp * TILE * 2);
+    }
+    if (SHARED && request) {
+      skip = 0;
+      ++ahead;
     }
     for (int m = 0; m < MB; ++m) {
       uint32_t pair = 0;
@@ -89,14 +99,33 @@ inline void block(const uint16_t* x, int64_t K, const uint16_t* w, int64_t KP, i
   }
 }
 
+// Rows in passes of 8 and one pass for the rest (any of 1-7 rows), each over all of K.
+template <int NB, bool SHARED>
+void passes_of(const uint16_t* x, int64_t M, int64_t K, const uint16_t* w, int64_t KP, int64_t t0,
+               const uint16_t* bias, uint16_t* y, int64_t N) {
+  const int64_t passes = (M + ROWS - 1) / ROWS;
+  int64_t m = 0, pass = 0;
+  for (; m + ROWS <= M; m += ROWS)
+    block<ROWS, NB, SHARED>(x + m * K, K, w, KP, t0, bias, y + m * N, N, pass++, passes);
+  const uint16_t* xr = x + m * K;
+  uint16_t* yr = y + m * N;
+  switch (M - m) {
+    case 7: return block<7, NB, SHARED>(xr, K, w, KP, t0, bias, yr, N, pass, passes);
+    case 6: return block<6, NB, SHARED>(xr, K, w, KP, t0, bias, yr, N, pass, passes);
+    case 5: return block<5, NB, SHARED>(xr, K, w, KP, t0, bias, yr, N, pass, passes);
+    case 4: return block<4, NB, SHARED>(xr, K, w, KP, t0, bias, yr, N, pass, passes);
+    case 3: return block<3, NB, SHARED>(xr, K, w, KP, t0, bias, yr, N, pass, passes);
+    case 2: return block<2, NB, SHARED>(xr, K, w, KP, t0, bias, yr, N, pass, passes);
+    case 1: return block<1, NB, SHARED>(xr, K, w, KP, t0, bias, yr, N, pass, passes);
+    default: return;
+  }
+}
+
 template <int NB>
 void rows(const uint16_t* x, int64_t M, int64_t K, const uint16_t* w, int64_t KP, int64_t t0, const uint16_t* bias,
           uint16_t* y, int64_t N) {
-  int64_t m = 0;
-  for (; m + ROWS <= M; m += ROWS) block<ROWS, NB>(x + m * K, K, w, KP, t0, bias, y + m * N, N);
-  for (; m + 4 <= M; m += 4) block<4, NB>(x + m * K, K, w, KP, t0, bias, y + m * N, N);
-  for (; m + 2 <= M; m += 2) block<2, NB>(x + m * K, K, w, KP, t0, bias, y + m * N, N);
-  for (; m < M; ++m) block<1, NB>(x + m * K, K, w, KP, t0, bias, y + m * N, N);
+  if (M > ROWS) passes_of<NB, true>(x, M, K, w, KP, t0, bias, y, N);
+  else passes_of<NB, false>(x, M, K, w, KP, t0, bias, y, N);
 }
 
 }  // namespace
