@@ -138,6 +138,18 @@ def test_a_bf16_cpu_engine_runs_every_linear_on_the_kernel(gemm, enable_lora):
     assert not any(isinstance(m, PackedLinear) for m in model.modules())
 
 
+def test_a_kernel_build_is_named_after_its_source_and_the_headers_it_includes(tmp_path, monkeypatch):
+    """fast_exp.h is shared by two kernels: editing it must give both new builds, not load stale ones."""
+    for f in kernels.CSRC.iterdir():
+        (tmp_path / f.name).write_bytes(f.read_bytes())
+    monkeypatch.setattr(kernels, "CSRC", tmp_path)
+    before = kernels._digest("layer_ops", kernels.CFLAGS_NO_FMA)
+    assert kernels._digest("layer_ops", kernels.CFLAGS_NO_FMA) == before
+    (tmp_path / "fast_exp.h").write_text((tmp_path / "fast_exp.h").read_text() + "\n// edited\n")
+    assert kernels._digest("layer_ops", kernels.CFLAGS_NO_FMA) != before
+    assert kernels._digest("layer_ops", kernels.CFLAGS) != kernels._digest("layer_ops", kernels.CFLAGS_NO_FMA)
+
+
 def test_building_a_kernel_leaves_the_flags_and_so_the_next_digest_alone(gemm):
     """cpp_extension.load appends torch's libraries to the flag lists it is given: were they ours, each
     build would change the next kernel's digest, and a kernel would be rebuilt under a new name

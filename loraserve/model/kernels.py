@@ -39,12 +39,19 @@ def _cpu_flags() -> str:
     return next((line for line in lines if line.startswith(("flags", "Features"))), os.uname().machine)
 
 
+def _digest(name: str, cflags: list[str]) -> str:
+    """What a build of csrc/NAME.cpp depends on: its source, the headers it may include, this CPU, torch
+    and the flags. A change to any of them gives the library a new name, so no stale build is loaded."""
+    headers = b"".join(h.read_bytes() for h in sorted(CSRC.glob("*.h")))
+    return hashlib.sha256((CSRC / f"{name}.cpp").read_bytes() + headers + _cpu_flags().encode()
+                          + torch.__version__.encode() + " ".join(cflags + ["ld"] + LDFLAGS).encode()).hexdigest()[:12]
+
+
 def _build(name: str, purpose: str, cflags: list[str]) -> object | None:
     """Compile (or load the cached build of) csrc/NAME.cpp; None, logged, where it cannot be built."""
     from torch.utils import cpp_extension
     source = CSRC / f"{name}.cpp"
-    digest = hashlib.sha256(source.read_bytes() + _cpu_flags().encode() + torch.__version__.encode()
-                            + " ".join(cflags + ["ld"] + LDFLAGS).encode()).hexdigest()[:12]
+    digest = _digest(name, cflags)
     try:
         # Copies: cpp_extension.load appends torch's libraries to the lists it is given, which changed
         # LDFLAGS, and so the next kernel's digest, with every build made earlier in the process.

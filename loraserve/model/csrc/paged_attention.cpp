@@ -16,6 +16,8 @@
 #include <cstring>
 #include <type_traits>
 #include <vector>
+
+#include "fast_exp.h"
 #if defined(__AVX512BF16__)
 #include <immintrin.h>
 #endif
@@ -53,26 +55,6 @@ inline float dot(const float* __restrict__ a, const float* __restrict__ b, int64
   float s = 0.f;
   for (int64_t i = 0; i < n; ++i) s += a[i] * b[i];
   return s;
-}
-
-// exp(x) for x <= 0 (softmax after subtracting the max), as plain float arithmetic so the loop calling
-// it vectorizes (libm's expf is a call per element): 2^k * p(r), r in [-ln2/2, ln2/2], a degree-6
-// polynomial (Cephes' expf coefficients); relative error ~2e-7. Inputs below -87 give 0.
-inline float exp_nonpositive(float x) {
-  x = std::max(x, -87.0f);
-  const float k = std::nearbyint(x * 1.44269504088896341f);
-  const float r = (x - k * 0.693359375f) + k * 2.12194440e-4f;
-  float p = 1.9875691500e-4f;
-  p = p * r + 1.3981999507e-3f;
-  p = p * r + 8.3334519073e-3f;
-  p = p * r + 4.1665795894e-2f;
-  p = p * r + 1.6666665459e-1f;
-  p = p * r + 5.0000001201e-1f;
-  p = p * r * r + r + 1.0f;
-  const int32_t bits = (static_cast<int32_t>(k) + 127) << 23;
-  float scale;
-  std::memcpy(&scale, &bits, sizeof scale);
-  return p * scale;
 }
 
 // a += sum over rows t of p[t] * v[t]. With the head size known at compile time the accumulator is a
@@ -207,7 +189,7 @@ void attend(const Shape& s, const T* q, const T* k_cache, const T* v_cache, cons
         float* x = scores.data() + g * n;
         const float m = *std::max_element(x, x + n);
         float sum = 0.f;
-        for (int64_t t = 0; t < n; ++t) x[t] = exp_nonpositive(x[t] - m);
+        for (int64_t t = 0; t < n; ++t) x[t] = exp_approx(x[t] - m);
         for (int64_t t = 0; t < n; ++t) sum += x[t];
         const float inv = 1.f / sum;
         for (int64_t t = 0; t < n; ++t) x[t] *= inv;
