@@ -52,6 +52,11 @@ def test_no_cpu_kernels_maps_onto_engine_config():
     assert serve_config("m", "--no-cpu-kernels") == EngineConfig(model="m", cpu_kernels=False)
 
 
+def test_no_lean_forward_maps_onto_engine_config():
+    assert serve_config("m", "--no-lean-forward") == EngineConfig(model="m", lean_forward=False)
+    assert serve_config("m").lean_forward
+
+
 def test_serving_threads_leave_a_core_for_the_http_side(monkeypatch):
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1, 2, 3})
