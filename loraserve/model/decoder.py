@@ -9,7 +9,7 @@ dozen small eager ops per layer. Here the hidden state stays a flat [T, C] tenso
 
 Every module that LoRA may wrap (embedding, projections, output head) is still called as a module, so
 adapters, fused q/k/v groups and packed weights apply exactly as in the transformers forward. Models
-this file does not recognise keep the transformers forward (`LeanDecoder.build` returns None)."""
+this file does not recognise keep the transformers forward (`unsupported_reason` says why)."""
 
 import torch
 import torch.nn.functional as F
@@ -124,10 +124,6 @@ class LeanDecoder:
         attn = self.layers[0].self_attn
         self.head_dim, self.scaling = attn.head_dim, attn.scaling
         self.ops = ops if ops is not None else TorchOps
-
-    @classmethod
-    def build(cls, model: nn.Module, ops: object | None = None) -> "LeanDecoder | None":
-        return None if unsupported_reason(model) is not None else cls(model, ops)
 
     def __call__(self, ids: torch.Tensor, positions: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
         ops, md, d = self.ops, get_context().attn, self.head_dim
