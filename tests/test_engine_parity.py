@@ -100,3 +100,16 @@ def test_lean_forward_with_pytorch_ops_is_transformers_forward_bit_for_bit_in_bf
     assert [r[:2] for r in lean_rows] == [r[:2] for r in hf_rows] and len(lean_rows) == 6 * len(PROMPT_LENS)
     for (rid, n, a), (_, _, b) in zip(lean_rows, hf_rows):
         assert torch.equal(a, b), f"{arch} {rid} at {n}"
+
+
+def test_the_lean_forward_is_refused_where_it_would_skip_something():
+    """A hook on a decoder layer would never run in the flat loop: such a model keeps transformers' forward,
+    and so does every architecture the loop does not reproduce (the log says why)."""
+    from loraserve.model.decoder import unsupported_reason
+    model, _ = tiny_model("llama")
+    assert unsupported_reason(model) is None
+    model.model.layers[1].register_forward_hook(lambda *args: None)
+    assert unsupported_reason(model) == "hooks on the decoder layers"
+    assert make_engine(model).runner.decoder is None
+    assert unsupported_reason(tiny_model("gemma2")[0]) == "Gemma2DecoderLayer layers"
+    assert "not a decoder-only model" in unsupported_reason(torch.nn.Linear(2, 2))
