@@ -81,13 +81,19 @@ def _gather(cache: torch.Tensor, blocks: torch.Tensor, block_size: int) -> torch
     return cache.view(hkv, -1, block_size, d).index_select(1, blocks.view(-1)).view(hkv, b, nb * block_size, d)
 
 
+def store_kv(k_cache: torch.Tensor, v_cache: torch.Tensor, slots: torch.Tensor, key: torch.Tensor,
+             value: torch.Tensor) -> None:
+    """key/value [T, Hkv, D] go to cache slots `slots` [T] of the [Hkv, slots, D] caches."""
+    k_cache.index_copy_(1, slots, key.transpose(0, 1).to(k_cache.dtype))
+    v_cache.index_copy_(1, slots, value.transpose(0, 1).to(v_cache.dtype))
+
+
 def write_kv(md: AttentionMetadata, layer_idx: int, key: torch.Tensor, value: torch.Tensor) -> None:
-    """key/value [T, Hkv, D] of this step's tokens go to their slots of the layer's [Hkv, slots, D] caches
-    (a layer that reads another layer's cache, Gemma's KV sharing, writes nothing)."""
+    """key/value [T, Hkv, D] of this step's tokens go to their slots of the layer's caches (a layer that
+    reads another layer's cache, Gemma's KV sharing, writes nothing)."""
     k_cache, v_cache, owns = md.kv_cache.layer(layer_idx)
     if owns:
-        k_cache.index_copy_(1, md.slot_mapping, key.transpose(0, 1).to(k_cache.dtype))
-        v_cache.index_copy_(1, md.slot_mapping, value.transpose(0, 1).to(v_cache.dtype))
+        store_kv(k_cache, v_cache, md.slot_mapping, key, value)
 
 
 def attend(md: AttentionMetadata, layer_idx: int, query: torch.Tensor, scaling: float | None,

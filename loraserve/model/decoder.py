@@ -42,8 +42,7 @@ class TorchOps:
         """q [T, H, D], k/v [T, Hkv, D], cos/sin [T, D]: rotated q; rotated k and v go to their slots of the
         [Hkv, slots, D] caches."""
         cos, sin = cos[:, None], sin[:, None]
-        k_cache.index_copy_(1, slots, (k * cos + _rotate_half(k) * sin).transpose(0, 1))
-        v_cache.index_copy_(1, slots, v.transpose(0, 1))
+        attention.store_kv(k_cache, v_cache, slots, k * cos + _rotate_half(k) * sin, v)
         return q * cos + _rotate_half(q) * sin
 
     @staticmethod
@@ -135,8 +134,7 @@ class LeanDecoder:
             (w_in, eps_in), (w_post, eps_post) = self.norms[i]
             x = ops.rms_norm(residual, w_in, eps_in) if h is None else ops.add_rms_norm(h, residual, w_in, eps_in)
             # Submodules through _modules: nn.Module.__getattr__ costs ~1 us a lookup (~500 a step).
-            attn = layer._modules["self_attn"]
-            m = attn._modules
+            m = layer._modules["self_attn"]._modules
             q, k, v = (p.view(t, -1, d) for p in _project(x, [m["q_proj"], m["k_proj"], m["v_proj"]]))
             k_cache, v_cache, _ = md.kv_cache.layer(i)          # every layer of these models owns its cache
             q = ops.rope_write_kv(q, k, v, cos, sin, k_cache, v_cache, md.slot_mapping)

@@ -88,4 +88,4 @@ def gemm() -> object | None:
 @functools.cache
 def layer_ops() -> object | None:
     """The compiled small ops of model/decoder.py (RMSNorm, RoPE, SiLU, argmax), or None (logged)."""
-    return _build("layer_ops", "the lean forward's norms, RoPE and SiLU", CFLAGS_NO_FMA)
+    return _build("layer_ops", "the lean forward's small ops (and the greedy argmax)", CFLAGS_NO_FMA)
