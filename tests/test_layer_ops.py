@@ -124,5 +124,12 @@ def test_bad_arguments_are_refused_with_a_message(ops):
         ops.rope_write_kv(q, k, k, cos, sin, cache, cache.clone(), torch.tensor([1, 10]))
     with pytest.raises(RuntimeError, match="share a dtype"):
         ops.rope_write_kv(q, k, k, cos, sin, cache.bfloat16(), cache.bfloat16(), torch.tensor([1, 2]))
+    with pytest.raises(RuntimeError, match=r"q \[T, H, D\], k and v \[T, Hkv, D\], with an even D"):
+        ops.rope_write_kv(randn(2, 4, 7, dtype=torch.float32), randn(2, 2, 7, dtype=torch.float32),
+                          randn(2, 2, 7, dtype=torch.float32), cos, sin, cache, cache.clone(), torch.tensor([1, 2]))
+    with pytest.raises(RuntimeError, match=r"cos and sin must be \[T, D\]"):
+        ops.rope_write_kv(q, k, k, cos[:1], sin[:1], cache, cache.clone(), torch.tensor([1, 2]))
+    with pytest.raises(RuntimeError, match="one cache slot per token"):
+        ops.rope_write_kv(q, k, k, cos, sin, cache, cache.clone(), torch.tensor([1, 2, 3]))
     with pytest.raises(RuntimeError, match=r"caches must be contiguous \[Hkv, slots, D\]"):
         ops.rope_write_kv(q, k, k, cos, sin, torch.zeros(3, 10, 8), torch.zeros(3, 10, 8), torch.tensor([1, 2]))
