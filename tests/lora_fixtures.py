@@ -20,6 +20,7 @@ from transformers import (
 )
 
 from loraserve.engine.context import ForwardContext, LoRABatch, forward_context
+from tiny_models import TEST_DEVICE
 
 SMALL = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
              num_key_value_heads=2, vocab_size=256, max_position_embeddings=128)
@@ -44,7 +45,7 @@ def tiny_model(arch: str = "llama", tie: bool = False, seed: int = 0) -> torch.n
         model = Gemma4ForCausalLM(cfg)
     else:
         raise ValueError(arch)
-    return model.eval()
+    return model.to(TEST_DEVICE).eval()
 
 
 def randomize(peft_model: torch.nn.Module, seed: int) -> None:
@@ -57,7 +58,7 @@ def randomize(peft_model: torch.nn.Module, seed: int) -> None:
             if "lora_B" in name or "lora_embedding_B" in name or "lora_A" in name or "lora_embedding_A" in name:
                 p.copy_(torch.randn(p.shape, generator=g) * 0.3)
             else:  # magnitudes, trainable tokens, modules_to_save copies, biases
-                p.add_(torch.randn(p.shape, generator=g) * 0.1)
+                p.add_(torch.randn(p.shape, generator=g).to(p.device) * 0.1)
 
 
 def make_adapter(base: torch.nn.Module, path: Path, seed: int = 1, randomize_weights: bool = True,
@@ -76,16 +77,16 @@ def peft_logits(base: torch.nn.Module, path: Path, ids: torch.Tensor) -> torch.T
     """The oracle: PEFT's PeftModel alone on a fresh copy of the base."""
     model = PeftModel.from_pretrained(copy.deepcopy(base), str(path)).eval()
     with torch.no_grad():
-        return model(input_ids=ids).logits
+        return model(input_ids=ids.to(model.device)).logits
 
 
 def base_logits(base: torch.nn.Module, ids: torch.Tensor) -> torch.Tensor:
     with torch.no_grad():
-        return base(input_ids=ids).logits
+        return base(input_ids=ids.to(base.device)).logits
 
 
 def mixed_logits(model: torch.nn.Module, ids: torch.Tensor, row_slots: list[int]) -> torch.Tensor:
     """One packed forward where row i of `ids` [B, L] uses slot row_slots[i] (-1: base)."""
-    token_slots = torch.tensor(row_slots).repeat_interleave(ids.shape[1])
+    token_slots = torch.tensor(row_slots, device=model.device).repeat_interleave(ids.shape[1])
     with torch.no_grad(), forward_context(ForwardContext(lora=LoRABatch.from_token_slots(token_slots))):
-        return model(input_ids=ids).logits
+        return model(input_ids=ids.to(model.device)).logits

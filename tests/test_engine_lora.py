@@ -73,7 +73,7 @@ def test_mixed_adapters_match_peft(adapters, max_loras):
     with torch.no_grad():
         for i, (_, name) in enumerate(reqs):
             tokens = done[f"r{i}"]
-            ref = oracles[name](torch.tensor([tokens])).logits[0]
+            ref = oracles[name](torch.tensor([tokens], device=base.device)).logits[0]
             rows = [(n, lg) for r, n, lg in seen if r == f"r{i}"]
             assert len(rows) == GREEDY.max_tokens
             for n, lg in rows:
@@ -90,7 +90,8 @@ def test_base_and_adapter_outputs_do_not_depend_on_batch_neighbours(adapters, dt
     alone = run(lora_engine({}, dtype=dtype), [(p[0], None)])["r0"]
     mixed = lora_engine(adapters, dtype=dtype)
     with_neighbours = run(mixed, [(p[0], None), (p[1], "a"), (p[2], "b"), (p[3], "c")])
-    if shutil.which("c++") or shutil.which("g++"):   # "a" is on every linear: every group bound its kernel
+    if mixed.device.type == "cpu" and (shutil.which("c++") or shutil.which("g++")):   # "a" is on every linear:
+        # every group bound its kernel
         assert mixed.lora.groups and all(g.kernel_group is not None for g in mixed.lora.groups)
         if hugepages_supported():                     # and reads the adapters from huge-page memory
             assert all(g.arena.holds(m.lora_a) and g.arena.holds(g.b_tiles[id(m)][1])
@@ -124,8 +125,8 @@ def test_load_report_measures_each_adapters_effect_like_peft(adapters):
     through the serving path: it equals the same KL computed with PeftModel."""
     engine = lora_engine(adapters, max_loras=2)           # 3 adapters, 2 slots: measured in two forwards
     assert engine.measure_pending_effects() and not engine.measure_pending_effects()
-    probe = torch.tensor([engine.probe_ids])
     _, base = tiny_model("llama")
+    probe = torch.tensor([engine.probe_ids], device=base.device)
     with torch.no_grad():
         base_lp = torch.log_softmax(base(probe).logits[0, -1], dim=-1)
         for name, path in adapters.items():

@@ -66,7 +66,7 @@ def test_paged_logits_match_transformers(arch, cpu_kernels, lean):
     assert set(final) == set(ids)
     with torch.no_grad():
         for rid, tokens in final.items():
-            ref_logits = ref(torch.tensor([tokens])).logits[0]
+            ref_logits = ref(torch.tensor([tokens], device=ref.device)).logits[0]
             rows = [(n, lg) for r, n, lg in seen if r == rid]
             assert len(rows) == 10
             for n, lg in rows:

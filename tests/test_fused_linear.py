@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from loraserve.model.cpu_gemm import prepack_linears, supported
+from loraserve.model.cpu_gemm import PackedWeight, prepack_linears, supported
 from loraserve.model.fused_linear import FusedLinearGroup, GroupedLinear, fuse_sibling_linears
 from tiny_models import tiny_model
 
@@ -73,3 +73,21 @@ def test_every_layer_of_a_model_is_fused_once():
     assert fuse_sibling_linears(model) == 0                                    # already grouped
     ids = torch.randint(0, 128, (1, 12))
     assert torch.equal(model(ids).logits, ref(ids).logits)
+
+
+def test_siblings_off_the_cpu_keep_their_own_gemms():
+    """cuBLAS may give stacked columns other last bits than the separate GEMMs (seen on an H200): off the
+    CPU nothing is fused, so the base model's outputs stay transformers' own. A meta-device model stands
+    in for CUDA here; tests on a GPU machine run the parity tests there (bench/device/run.sh)."""
+    assert fuse_sibling_linears(attention_like(False, torch.bfloat16).to("meta")) == 0
+    assert fuse_sibling_linears(attention_like(False, torch.bfloat16)) == 1
+
+
+@pytest.mark.parametrize("device, dtype", [("cpu", torch.float32), ("meta", torch.bfloat16)])
+def test_prepack_packs_only_where_linear_uses_the_packed_copy(device, dtype):
+    """oneDNN packs CPU bf16 only: a float32 weight (no use for a copy) or a CUDA one (its reorder op does
+    not exist there: the engine crashed at start-up on an H200) is left alone."""
+    weight = torch.randn(32, 64, dtype=dtype, device=device)
+    packed = PackedWeight()
+    packed.prepack(weight)
+    assert packed.packed is None

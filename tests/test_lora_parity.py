@@ -12,7 +12,7 @@ from safetensors.torch import load_file, save_file
 
 from kernel_fixtures import built_or_skip
 from lora_fixtures import base_logits, make_adapter, mixed_logits, peft_logits, tiny_model
-from loraserve.lora import LoRAManager
+from loraserve.lora import LoRAManager, fused
 from loraserve.model import kernels
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning", "ignore::FutureWarning")
@@ -63,9 +63,13 @@ class CountingKernel:
         return Counted()
 
 
-@pytest.fixture(params=["torch-lora", "cpp-lora"])
-def lora_kernel(request):
-    if request.param == "torch-lora":
+@pytest.fixture(params=["torch-lora", "torch-lora-unstacked", "cpp-lora"])
+def lora_kernel(request, monkeypatch):
+    """The multi-LoRA kernel a test's groups use: None for the PyTorch path, whose groups stack the base
+    weights with the A's on CPU; "unstacked" runs it as on CUDA (each member's own base GEMM)."""
+    if request.param.startswith("torch-lora"):
+        if request.param == "torch-lora-unstacked":
+            monkeypatch.setattr("loraserve.lora.fused.stacks_bit_exactly", lambda weight: False)
         yield None
         return
     counting = CountingKernel(built_or_skip(kernels.multi_lora(), "LoRA uses its PyTorch path"))
@@ -81,7 +85,10 @@ def test_mixed_batch_matches_peft(arch: str, tmp_path: Path, lora_kernel) -> Non
         make_adapter(base, tmp_path / "b", seed=2, r=8, lora_alpha=16, use_rslora=True, target_modules="all-linear"),
         make_adapter(base, tmp_path / "c", seed=3, r=2, lora_alpha=5, target_modules=r".*\.mlp\.(up|down)_proj"),
     ]
-    assert_parity(base, paths, [0, -1, 1, 2, -1, 0], kernel=lora_kernel)
+    manager = assert_parity(base, paths, [0, -1, 1, 2, -1, 0], kernel=lora_kernel)
+    # The groups stacked the base weights where the device gives stacked columns bit for bit (CPU), unless
+    # the fixture made them run as on CUDA.
+    assert all(g.stack_base == fused.stacks_bit_exactly(g.members[0].base_layer.weight) for g in manager.groups)
 
 
 def test_rank_and_alpha_pattern(tmp_path: Path, lora_kernel) -> None:

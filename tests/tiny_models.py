@@ -1,6 +1,7 @@
 """Tiny random models of each architecture the engine must run, built from real transformers configs."""
 
 import copy
+import os
 
 import torch
 from transformers import (
@@ -45,6 +46,9 @@ def _configs() -> dict:
 
 
 ARCHS = list(_configs())
+# Where the tiny models (and so the engines built on them) live: cpu here and in CI; on a GPU machine
+# LORASERVE_TEST_DEVICE=cuda runs the parity and isolation tests there (bench/device/run.sh).
+TEST_DEVICE = torch.device(os.environ.get("LORASERVE_TEST_DEVICE", "cpu"))
 
 
 def tiny_model(arch: str, seed: int = 0, dtype: torch.dtype = torch.float32):
@@ -52,8 +56,8 @@ def tiny_model(arch: str, seed: int = 0, dtype: torch.dtype = torch.float32):
     attention switch on one cannot touch the other."""
     cls, config = _configs()[arch]
     torch.manual_seed(seed)
-    model = cls(copy.deepcopy(config)).to(dtype).eval()
-    ref = cls(copy.deepcopy(config)).to(dtype).eval()
+    model = cls(copy.deepcopy(config)).to(TEST_DEVICE, dtype).eval()
+    ref = cls(copy.deepcopy(config)).to(TEST_DEVICE, dtype).eval()
     ref.load_state_dict(model.state_dict())
     return model, ref
 

@@ -11,8 +11,11 @@ read its zero blocks too: for gate/up the split was ~30% faster on 2 cores. On C
 prepacked for oneDNN (model/cpu_gemm.py); after an adapter enters or leaves a slot they run unpacked
 for a few steps and are repacked once the slots have settled.
 
-Each output column of a GEMM is its own dot product, so the base columns come out bit-identical to
-the members' separate GEMMs (the isolation tests check it); base rows get a zero mask and so + 0.
+Each output column of a GEMM is its own dot product, so on CPU the base columns come out bit-identical
+to the members' separate GEMMs (the isolation tests check it); base rows get a zero mask and so + 0.
+On CUDA cuBLAS picks its kernel by the matrices' shapes and stacked columns may differ in the last bits
+(seen on an H200, model/fused_linear.py): there each member keeps its own base GEMM, and only the
+members' A stacks share one GEMM, beside it.
 Groups fall back to the members' own forward when any member carries more than plain LoRA in some
 slot (DoRA, bias changes, full copies, trainable tokens).
 
@@ -30,7 +33,7 @@ from loraserve.engine.context import get_context
 from loraserve.lora.arena import HugePageArena
 from loraserve.lora.layers import MultiLoRALinear
 from loraserve.model.cpu_gemm import PackedLinear, PackedWeight, gemm_kernel
-from loraserve.model.fused_linear import SIBLINGS, SiblingGroup, stack_rows
+from loraserve.model.fused_linear import SIBLINGS, SiblingGroup, stack_rows, stacks_bit_exactly
 
 # Singletons too: stacking a projection's own A under its base weight saves one GEMM per layer.
 GROUPS = SIBLINGS + (("o_proj",), ("down_proj",))
@@ -48,7 +51,10 @@ class ProjectionGroup(SiblingGroup):
         self.stale = True                                 # a member's slot changed since the last _sync
         self.changed_slots: set[int] = set()              # which slots, since then
         self.is_plain = True
-        self.w_cat: torch.Tensor | None = None            # [O (+ G*L*r), in]: base weights (then each A)
+        # Whether the base weights join the stack (CPU) or each member keeps its own GEMM (CUDA: see above).
+        self.stack_base = stacks_bit_exactly(members[0].base_layer.weight)
+        self.w_cat: torch.Tensor | None = None            # [O (+ G*L*r), in]: base weights (then each A);
+        #                                                   unstacked base: [G*L*r, in], the A's only
         self.b_cat: torch.Tensor | None = None
         # PyTorch path: per member [O_g, L*r], every slot's scaling * B.
         self.b_members: list[torch.Tensor] = []
@@ -74,7 +80,7 @@ class ProjectionGroup(SiblingGroup):
         if self.kernel is None:
             return
         self.plain()
-        self.packed_w.get(self.w_cat)
+        self.packed_w.prepack(self.w_cat)
 
     def plain(self) -> bool:
         """Whether every member carries plain LoRA only, so the group may run them (members call this
@@ -141,8 +147,13 @@ class ProjectionGroup(SiblingGroup):
             m._grow_rank(rank)                            # zero padding: exact
         first = self.members[0]
         L, in_dim, out = first.max_loras, first.in_features, sum(self.outs)
+        if not self.stack_base:
+            out = 0                                       # the stack holds the A's only
         if self.w_cat is None or rank != self.rank:
-            self._stack_base(len(self.members) * L * rank)
+            if self.stack_base:
+                self._stack_base(len(self.members) * L * rank)
+            else:
+                self.w_cat = first.lora_a.new_zeros(len(self.members) * L * rank, in_dim)
             self.b_members = [self.w_cat.new_zeros(o, L * rank) for o in self.outs]
             self.rank = rank
         for g, (m, o) in enumerate(zip(self.members, self.outs)):
@@ -172,21 +183,24 @@ class ProjectionGroup(SiblingGroup):
                 self.kernel_group.apply(x, lora.token_slots, y)
             return list(y.split(self.outs, dim=-1))    # column views, as FusedLinearGroup returns
         x2 = x.reshape(-1, self.members[0].in_features)
-        y = self.packed_w.linear(x2, self.w_cat, self.b_cat)
         shape = x.shape[:-1]
-        out_dim = sum(self.outs)
         used = [m for m in self.members if m.slots_used]
         rows = used[0]._slot_rows(x2.shape[0]) if used else None
-        if rows is None or self.rank == 0:
-            return [o.contiguous().view(*shape, -1) for o in y[:, :out_dim].split(self.outs, dim=1)]
+        lora = rows is not None and self.rank > 0
+        if self.stack_base:
+            y = self.packed_w.linear(x2, self.w_cat, self.b_cat)
+            out_dim = sum(self.outs)
+            bases, down = list(y[:, :out_dim].split(self.outs, dim=1)), y[:, out_dim:]
+        else:                                             # each member's own base GEMM, then the A's in one
+            bases = [m.base_layer(x2) for m in self.members]
+            down = self.packed_w.linear(x2, self.w_cat) if lora else None
+        if not lora:
+            return [o.contiguous().view(*shape, -1) for o in bases]
         G, L, r = len(self.members), self.members[0].max_loras, self.rank
-        h = (y[:, out_dim:].view(-1, G, L, r) * rows.mask(L, y.dtype)[:, None, :, None]).view(-1, G, L * r)
-        outs, col = [], 0
-        for g, o in enumerate(self.outs):
-            # Base rows have an all-zero h, so their delta is exactly 0 and they stay bit-identical.
-            outs.append(self.packed_b[g].add_linear(y[:, col:col + o], h[:, g], self.b_members[g]))
-            col += o
-        return [o.view(*shape, -1) for o in outs]
+        h = (down.view(-1, G, L, r) * rows.mask(L, down.dtype)[:, None, :, None]).view(-1, G, L * r)
+        # Base rows have an all-zero h, so their delta is exactly 0 and they stay bit-identical.
+        return [self.packed_b[g].add_linear(y, h[:, g], self.b_members[g]).view(*shape, -1)
+                for g, y in enumerate(bases)]
 
 
 def column_tiles(bt: torch.Tensor, pairs: bool, width: int = KERNEL_TILE) -> torch.Tensor:

@@ -64,6 +64,12 @@ class PackedWeight:
                 self.packed = torch.ops.mkldnn._reorder_linear_weight(weight.detach(), 16)
         return self.packed
 
+    def prepack(self, weight: torch.Tensor) -> None:
+        """Pack `weight` now, at start-up, where `linear` will use the packed copy (CPU bf16); elsewhere
+        (CUDA, float32) there is nothing to pack."""
+        if supported(weight):
+            self.get(weight)
+
     def linear(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         """`F.linear(x, weight, bias)` from the packed copy where it applies (oneDNN's: bit for bit)."""
         packed = self.get(weight) if x.dtype == weight.dtype and supported(weight) else None

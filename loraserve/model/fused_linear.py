@@ -6,8 +6,11 @@ of them and keeps the others' outputs; the next calls with that same tensor obje
 call with another tensor (a model that feeds siblings different inputs) just computes again, so the
 result never depends on how the model calls them, only the saving does.
 
-Each output column of a GEMM is its own dot product over the same input row, so the stacked GEMM
-gives every member's columns bit for bit (tests/test_fused_linear.py checks it). On CPU bf16 at
+Each output column of a GEMM is its own dot product over the same input row, so on CPU, with oneDNN
+or our C++ GEMM, the stacked GEMM gives every member's columns bit for bit (tests/test_fused_linear.py
+checks it). CPU only: cuBLAS picks its kernel by the matrices' shapes, and on an H200 the stacked
+columns differed from the separate GEMMs' in the last bits, so on CUDA the siblings keep their own
+GEMMs (transformers' calls exactly) and the base model's output stays bit for bit. On CPU bf16 at
 decode batch sizes a GEMM call costs ~15 us of fixed overhead whatever its size, and the small k/v
 GEMMs run far below the core's rate: one q/k/v GEMM instead of three saved ~20 us a layer."""
 
@@ -81,7 +84,7 @@ class FusedLinearGroup(SiblingGroup):
             m.__class__ = GroupedLinear
             m.group = self
             m.__dict__.pop("packed_weight", None)         # a PackedLinear's copy: the group packs its own
-        self.packed.get(self.weight)                      # pack now, not on the first request
+        self.packed.prepack(self.weight)                  # pack now, not on the first request
 
     def _compute(self, x: torch.Tensor) -> list[torch.Tensor]:
         y = self.packed.linear(x, self.weight, self.bias)
@@ -104,16 +107,22 @@ def _plain_linear(module: nn.Module | None) -> bool:
     return type(module) in (nn.Linear, PackedLinear)
 
 
+def stacks_bit_exactly(weight: torch.Tensor) -> bool:
+    """Whether a stacked GEMM gives each member's columns bit for bit on `weight`'s device (see above)."""
+    return weight.device.type == "cpu"
+
+
 def fuse_sibling_linears(model: nn.Module) -> int:
-    """Group every parent's plain q/k/v and gate/up linears (same input size, dtype and device) into
-    FusedLinearGroups; return how many groups. For a model without LoRA (LoRA layers group their own)."""
+    """Group every parent's plain q/k/v and gate/up linears (same input size, dtype and device, on CPU)
+    into FusedLinearGroups; return how many groups. For a model without LoRA (LoRA layers group their own)."""
     count = 0
     for parent in list(model.modules()):
         for names in SIBLINGS:
             members = [getattr(parent, n, None) for n in names]
             if not all(_plain_linear(m) for m in members):
                 continue
-            if len({(m.in_features, m.weight.dtype, m.weight.device) for m in members}) == 1:
+            if (len({(m.in_features, m.weight.dtype, m.weight.device) for m in members}) == 1
+                    and stacks_bit_exactly(members[0].weight)):
                 FusedLinearGroup(members)
                 count += 1
     return count
