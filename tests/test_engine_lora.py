@@ -3,6 +3,7 @@ prefill and decodes), each row's logits equal PEFT's for its own adapter, and th
 bit-identical whichever adapters are loaded or share its batch."""
 
 import copy
+import os
 import shutil
 
 import pytest
@@ -17,7 +18,7 @@ from loraserve.lora.adapter import AdapterError
 from loraserve.lora.arena import hugepages_supported
 from loraserve.model.cpu_gemm import supported
 from test_engine_parity import record_logits
-from tiny_models import VOCAB, IdTokenizer, tiny_model
+from tiny_models import TEST_DEVICE, VOCAB, IdTokenizer, tiny_model
 
 ALL_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 GREEDY = SamplingParams(max_tokens=8, temperature=0, ignore_eos=True)
@@ -58,9 +59,17 @@ def run(engine: LLMEngine, reqs: list[tuple[list[int], str | None]]) -> dict[str
     return done
 
 
-@pytest.mark.parametrize("max_loras", [4, 2])   # 2 slots for 3 adapters: requests wait for a slot
-def test_mixed_adapters_match_peft(adapters, max_loras):
-    engine = lora_engine(adapters, max_loras=max_loras)
+def kernel_and_cores() -> bool:
+    """Whether engines here use the C++ multi-LoRA kernel, and with one engine thread its worker."""
+    return bool(shutil.which("c++") or shutil.which("g++")) and TEST_DEVICE.type == "cpu"
+
+
+@pytest.mark.parametrize("max_loras, threads", [(4, None), (2, None), (4, 1)])   # 2 slots for 3 adapters:
+def test_mixed_adapters_match_peft(adapters, max_loras, threads):                 # requests wait for a slot
+    """threads=1: one engine thread, so the deltas run on the kernel's worker beside each base GEMM."""
+    engine = lora_engine(adapters, max_loras=max_loras, num_threads=threads)
+    beside = threads == 1 and kernel_and_cores() and len(os.sched_getaffinity(0)) >= 2
+    assert all(g.deltas_beside == beside for g in engine.lora.groups)
     assert engine.model_names() == ["tiny", "a", "b", "c"]
     batches = []
     seen = record_logits(engine, batches)
@@ -83,12 +92,13 @@ def test_mixed_adapters_match_peft(adapters, max_loras):
     assert sum(engine.lora.pins.values()) == 0
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_base_and_adapter_outputs_do_not_depend_on_batch_neighbours(adapters, dtype):
-    """Through the C++ multi-LoRA kernel where it builds (bf16 takes its vdpbf16ps path on CPUs with it)."""
+@pytest.mark.parametrize("dtype, threads", [(torch.float32, None), (torch.bfloat16, None), (torch.bfloat16, 1)])
+def test_base_and_adapter_outputs_do_not_depend_on_batch_neighbours(adapters, dtype, threads):
+    """Through the C++ multi-LoRA kernel where it builds (bf16 takes its vdpbf16ps path on CPUs with it);
+    threads=1: its deltas on the worker thread, beside the base GEMMs."""
     p = prompts(4, seed=5)
     alone = run(lora_engine({}, dtype=dtype), [(p[0], None)])["r0"]
-    mixed = lora_engine(adapters, dtype=dtype)
+    mixed = lora_engine(adapters, dtype=dtype, num_threads=threads)
     with_neighbours = run(mixed, [(p[0], None), (p[1], "a"), (p[2], "b"), (p[3], "c")])
     if mixed.device.type == "cpu" and (shutil.which("c++") or shutil.which("g++")):   # "a" is on every linear:
         # every group bound its kernel
@@ -98,8 +108,8 @@ def test_base_and_adapter_outputs_do_not_depend_on_batch_neighbours(adapters, dt
                        for g in mixed.lora.groups for m in g.members)
     assert with_neighbours["r0"] == alone
     a_alone = run(lora_engine(adapters, dtype=dtype), [(p[1], "a")])["r0"]
-    a_with_others = run(lora_engine(adapters, dtype=dtype), [(p[2], "c"), (p[1], "a"), (p[3], "b"), (p[0], None),
-                                                             (p[1], "a")])
+    a_with_others = run(lora_engine(adapters, dtype=dtype, num_threads=threads),
+                        [(p[2], "c"), (p[1], "a"), (p[3], "b"), (p[0], None), (p[1], "a")])
     assert a_with_others["r1"] == a_alone
     assert a_with_others["r4"] == a_alone          # two rows of one adapter share the kernel's blocks
     assert a_alone != run(lora_engine({}, dtype=dtype), [(p[1], None)])["r0"]    # the adapter does change it

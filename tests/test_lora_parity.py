@@ -24,7 +24,7 @@ def assert_parity(base: torch.nn.Module, paths: list[Path], plan: list[int], seq
     """`plan[i]` is the index into `paths` that row i uses, or -1 for the base model. `kernel`: the C++
     multi-LoRA kernel for the projection groups (None: PyTorch matmuls)."""
     served = copy.deepcopy(base)
-    manager = LoRAManager(served, max_loras=4, kernel=kernel)
+    manager = LoRAManager(served, max_loras=4, kernel=kernel, deltas_beside=getattr(kernel, "deltas_beside", False))
     slots = []
     for i, path in enumerate(paths):
         manager.load(f"a{i}", str(path))
@@ -45,10 +45,11 @@ def assert_parity(base: torch.nn.Module, paths: list[Path], plan: list[int], seq
 
 
 class CountingKernel:
-    """The real kernel, counting its calls: proves the adapter rows went through it."""
+    """The real kernel, counting its calls: proves the adapter rows went through it. `deltas_beside`: the
+    groups run the deltas on the kernel's worker thread (start / finish) instead of apply."""
 
-    def __init__(self, kernel) -> None:
-        self.kernel, self.calls = kernel, 0
+    def __init__(self, kernel, deltas_beside: bool = False) -> None:
+        self.kernel, self.calls, self.deltas_beside = kernel, 0, deltas_beside
 
     def b_pairs(self, like):
         return self.kernel.b_pairs(like)
@@ -58,12 +59,21 @@ class CountingKernel:
 
         class Counted:
             def apply(self, *args):
+                assert not counter.deltas_beside
                 counter.calls += 1
                 return group.apply(*args)
+
+            def start(self, *args):
+                assert counter.deltas_beside
+                counter.calls += 1
+                return group.start(*args)
+
+            def finish(self, y):
+                return group.finish(y)
         return Counted()
 
 
-@pytest.fixture(params=["torch-lora", "torch-lora-unstacked", "cpp-lora"])
+@pytest.fixture(params=["torch-lora", "torch-lora-unstacked", "cpp-lora", "cpp-lora-beside"])
 def lora_kernel(request, monkeypatch):
     """The multi-LoRA kernel a test's groups use: None for the PyTorch path, whose groups stack the base
     weights with the A's on CPU; "unstacked" runs it as on CUDA (each member's own base GEMM)."""
@@ -72,7 +82,8 @@ def lora_kernel(request, monkeypatch):
             monkeypatch.setattr("loraserve.lora.fused.stacks_bit_exactly", lambda weight: False)
         yield None
         return
-    counting = CountingKernel(built_or_skip(kernels.multi_lora(), "LoRA uses its PyTorch path"))
+    counting = CountingKernel(built_or_skip(kernels.multi_lora(), "LoRA uses its PyTorch path"),
+                              deltas_beside=request.param == "cpp-lora-beside")
     yield counting
     assert counting.calls > 0
 

@@ -187,3 +187,32 @@ def test_group_takes_the_models_leading_dims(kernel, dtype):
     assert not torch.equal(y3[0], y)
     with pytest.raises(RuntimeError, match=r"x and y must be \[\.\.\., in\] and \[\.\.\., out\]"):
         group.apply(x[None], token_slots, y)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_started_deltas_finish_with_the_bits_of_apply(kernel, dtype):
+    """Group.start runs the deltas on the worker thread while the caller computes y; finish adds them with
+    the same one rounding apply uses: the same bits, base rows untouched. Many calls in a row reuse one
+    worker; a finish with a wrong y is refused and leaves the worker free for the next call."""
+    torch.manual_seed(5)
+    mems = members(72, [(16, 48), (5, 40), (3, 20)], slots=3, dtype=dtype, seed=6)
+    cols = [0, 48, 90]                                  # a gap of two columns no member owns
+    group = kernel.Group([a for a, _ in mems], [column_tiles(b, kernel.b_pairs(b)) for _, b in mems], cols,
+                         [b.shape[2] for _, b in mems])
+    bits = torch.int32 if dtype == torch.float32 else torch.int16
+    for n in (1, 3, 17, 40):
+        token_slots = torch.randint(-1, 3, (n,))
+        x = torch.randn(1, n, 72).to(dtype)
+        y = torch.randn(1, n, 112).to(dtype)
+        want = y.clone()
+        group.apply(x, token_slots, want)
+        assert group.start(x, token_slots)
+        got = y.clone()                                  # "the GEMM", while the deltas run
+        group.finish(got)
+        assert torch.equal(got.view(bits), want.view(bits)), f"{n} rows"
+    assert group.start(x, token_slots)
+    with pytest.raises(RuntimeError, match="finish: y must be"):
+        group.finish(y[:, :1])
+    assert not kernel.Group([], [], [], []).start(x, token_slots)    # no member has LoRA: nothing started
+    assert group.start(x, token_slots)
+    group.finish(y.clone())

@@ -129,9 +129,16 @@ class LLMEngine:
 
     def _load_adapters(self, config: EngineConfig) -> LoRAManager:
         """Load every --lora-modules adapter; if any is bad, refuse to start and name each one and why."""
+        kernel = kernels.multi_lora() if self._cpu_kernels() else None
+        # The worker thread takes the core the engine's one thread leaves free (to the HTTP server, which
+        # it shares); with more engine threads the kernel splits its work over them instead.
+        worker = (kernel is not None and config.lora_worker and config.num_threads == 1
+                  and len(os.sched_getaffinity(0)) >= 2)
+        if kernel is not None:
+            log.info("multi-LoRA deltas: %s", "on a worker thread beside each base GEMM" if worker
+                     else "after each base GEMM")
         manager = LoRAManager(self.model, config.lora.max_loras, config.lora.max_lora_rank,
-                              max_cpu_loras=config.lora.max_cpu_loras,
-                              kernel=kernels.multi_lora() if self._cpu_kernels() else None)
+                              max_cpu_loras=config.lora.max_cpu_loras, kernel=kernel, deltas_beside=worker)
         errors = []
         for name, path in config.lora.lora_modules.items():
             if name == self.served_model_name:

@@ -99,9 +99,10 @@ class LoRAManager:
 
     def __init__(self, model: nn.Module, max_loras: int, max_lora_rank: int | None = None,
                  device: torch.device | str | None = None, dtype: torch.dtype | None = None,
-                 max_cpu_loras: int | None = None, kernel: object | None = None) -> None:
+                 max_cpu_loras: int | None = None, kernel: object | None = None, deltas_beside: bool = False) -> None:
         """`kernel`: the C++ multi-LoRA kernel (model.kernels.multi_lora()) for the projection groups, or
-        None to apply LoRA with PyTorch matmuls."""
+        None to apply LoRA with PyTorch matmuls; `deltas_beside`: the kernel's deltas run on its worker
+        thread while the base GEMM runs (lora/fused.py)."""
         if max_loras < 1:
             raise ValueError("max_loras must be at least 1")
         if max_cpu_loras is not None and max_cpu_loras < max_loras:
@@ -125,6 +126,7 @@ class LoRAManager:
         self._recent: OrderedDict[int, None] = OrderedDict()  # resident slots, least recently used first
         self._loads = 0
         self.kernel = kernel
+        self.deltas_beside = deltas_beside and kernel is not None
         self.wrap(model)
 
     def wrap(self, model: nn.Module) -> int:
@@ -142,7 +144,7 @@ class LoRAManager:
             self.layers[name] = layer
         # The kernel streams the adapters from memory every step: keep them on huge pages (lora/arena.py).
         arena = HugePageArena() if self.kernel is not None and hugepages_supported() else None
-        self.groups = link_projection_groups(model, self.kernel, arena)
+        self.groups = link_projection_groups(model, self.kernel, arena, self.deltas_beside)
         for group in self.groups:
             group.prepare()
         head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None

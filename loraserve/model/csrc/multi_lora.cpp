@@ -14,14 +14,23 @@
 //     bf16 lora_A output is; float32 (and bf16 elsewhere) widens to float32 and uses FMAs.
 // Each row has its own accumulators and sees the same operations in the same order whatever block it
 // is in, so a row's result never depends on its neighbours (tests/test_multi_lora_kernel.py checks it);
-// base rows (slot < 0) are not touched at all. Built by model/kernels.py with torch's cpp_extension.
+// base rows (slot < 0) are not touched at all. Group.start / finish run the same deltas on a worker
+// thread while the caller computes the base GEMM (see Worker below). Built by model/kernels.py with
+// torch's cpp_extension.
 
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 
+#include <sched.h>
+
 #include <algorithm>
+#include <atomic>
+#include <chrono>
+#include <condition_variable>
 #include <cstdint>
 #include <cstring>
+#include <mutex>
+#include <thread>
 #include <type_traits>
 #include <vector>
 #if defined(__AVX512BF16__)
@@ -98,6 +107,23 @@ inline void add_delta(T* y, vf delta, int64_t w) {
     store_partial(y, load_partial(y, w) + delta, w);
   }
 }
+
+// Where a block's deltas go: added into y's rows (rounded once), or, for a deferred add (Group.start /
+// finish), stored in float32 as they are, so that adding them later gives y the same bits.
+template <typename T>
+struct Sink {
+  T* const* ys;                  // rows of y at the member's first column
+  float* const* ds;              // rows of the float32 delta buffer there, or null: add into y now
+  void put(int n, int64_t j, vf acc, int64_t w) const {
+    if (ds == nullptr) {
+      add_delta(ys[n] + j, acc, w);
+    } else if (w == W) {
+      store(ds[n] + j, acc);
+    } else {
+      store_partial(ds[n] + j, acc, w);
+    }
+  }
+};
 
 // Sum of the lanes as a fixed tree.
 inline float hsum(vf v) {
@@ -193,7 +219,7 @@ void down_proj(const at::BFloat16* const* xs, int64_t in, const at::BFloat16* a,
 // adds two ranks' products.
 template <int NB, int TB>
 void up_tiles(const char* hp, const at::BFloat16* bt, int64_t pairs, int64_t out, int64_t t0,
-              at::BFloat16* const* ys) {
+              const Sink<at::BFloat16>& sink) {
   __m512 acc[NB][TB];
   for (int n = 0; n < NB; ++n)
     for (int q = 0; q < TB; ++q) acc[n][q] = _mm512_setzero_ps();
@@ -214,18 +240,18 @@ void up_tiles(const char* hp, const at::BFloat16* bt, int64_t pairs, int64_t out
   for (int n = 0; n < NB; ++n)
     for (int q = 0; q < TB; ++q) {
       const int64_t j = (t0 + q) * W;
-      add_delta(ys[n] + j, acc[n][q], std::min<int64_t>(W, out - j));
+      sink.put(n, j, acc[n][q], std::min<int64_t>(W, out - j));
     }
 }
 
 template <int NB>
-void up_proj(const float* h, const at::BFloat16* bt, int64_t r, int64_t out, at::BFloat16* const* ys) {
+void up_proj(const float* h, const at::BFloat16* bt, int64_t r, int64_t out, const Sink<at::BFloat16>& sink) {
   constexpr int TB = chains(NB);
   const int64_t pairs = (r + 1) / 2, tiles = (out + W - 1) / W;
   const char* hp = reinterpret_cast<const char*>(h);  // the down-projection's bf16 pairs
   int64_t t = 0;
-  for (; t + TB <= tiles; t += TB) up_tiles<NB, TB>(hp, bt, pairs, out, t, ys);
-  for (; t < tiles; ++t) up_tiles<NB, 1>(hp, bt, pairs, out, t, ys);
+  for (; t + TB <= tiles; t += TB) up_tiles<NB, TB>(hp, bt, pairs, out, t, sink);
+  for (; t < tiles; ++t) up_tiles<NB, 1>(hp, bt, pairs, out, t, sink);
 }
 constexpr bool kBf16Dot = true;
 #else
@@ -234,7 +260,7 @@ constexpr bool kBf16Dot = false;
 
 // Up-projection for the same rows: y[n] += Bt^T h[n], W output columns at a time, rounded once.
 template <typename T, int NB>
-void up_proj(const float* h, const T* bt, int64_t r, int64_t out, T* const* ys) {
+void up_proj(const float* h, const T* bt, int64_t r, int64_t out, const Sink<T>& sink) {
   const int64_t tiles = (out + W - 1) / W;
   for (int64_t tile = 0; tile < tiles; ++tile) {
     const int64_t j = tile * W, w = std::min<int64_t>(W, out - j);
@@ -245,31 +271,31 @@ void up_proj(const float* h, const T* bt, int64_t r, int64_t out, T* const* ys) 
       const vf bv = load(bj + k * W);
       for (int n = 0; n < NB; ++n) acc[n] += h[n * r + k] * bv;
     }
-    for (int n = 0; n < NB; ++n) add_delta(ys[n] + j, acc[n], w);
+    for (int n = 0; n < NB; ++n) sink.put(n, j, acc[n], w);
   }
 }
 
 // One member's delta for a block of NB rows. X is float (inputs widened) or T itself (bf16 dot).
 template <typename T, typename X, int NB>
 void block_delta(const X* const* xs, int64_t in, const T* a, const T* bt, int64_t r, int64_t out,
-                 T* const* ys, float* h) {
+                 const Sink<T>& sink, float* h) {
   if constexpr (std::is_same_v<X, float>) {
     down_proj<T, NB>(xs, in, a, r, h);
-    up_proj<T, NB>(h, bt, r, out, ys);
+    up_proj<T, NB>(h, bt, r, out, sink);
   } else {
     down_proj<NB>(xs, in, a, r, h);
-    up_proj<NB>(h, bt, r, out, ys);
+    up_proj<NB>(h, bt, r, out, sink);
   }
 }
 
 template <typename T, typename X>
 void block_delta_any(int nb, const X* const* xs, int64_t in, const T* a, const T* bt, int64_t r,
-                     int64_t out, T* const* ys, float* h) {
+                     int64_t out, const Sink<T>& sink, float* h) {
   switch (nb) {
-    case 8: return block_delta<T, X, 8>(xs, in, a, bt, r, out, ys, h);
-    case 4: return block_delta<T, X, 4>(xs, in, a, bt, r, out, ys, h);
-    case 2: return block_delta<T, X, 2>(xs, in, a, bt, r, out, ys, h);
-    default: return block_delta<T, X, 1>(xs, in, a, bt, r, out, ys, h);
+    case 8: return block_delta<T, X, 8>(xs, in, a, bt, r, out, sink, h);
+    case 4: return block_delta<T, X, 4>(xs, in, a, bt, r, out, sink, h);
+    case 2: return block_delta<T, X, 2>(xs, in, a, bt, r, out, sink, h);
+    default: return block_delta<T, X, 1>(xs, in, a, bt, r, out, sink, h);
   }
 }
 
@@ -308,17 +334,18 @@ const std::vector<Block>& make_blocks(const int64_t* slots, int64_t n_rows, int6
   return blocks;
 }
 
+// The deltas of `blocks` into y (yp, row stride y_stride), or, where dp is given, into that float32
+// buffer (row stride d_stride) for a deferred add. `parallel`: split the blocks over torch's threads.
 template <typename T>
 void apply_blocks(const at::Tensor& x, const std::vector<Block>& blocks, const std::vector<at::Tensor>& a,
-                  const std::vector<at::Tensor>& bt, at::Tensor& y, const std::vector<int64_t>& cols,
-                  const std::vector<int64_t>& outs) {
-  const int64_t in = x.size(1), in_pad = (in + W - 1) / W * W, y_stride = y.stride(0);
+                  const std::vector<at::Tensor>& bt, T* yp, int64_t y_stride, float* dp, int64_t d_stride,
+                  const std::vector<int64_t>& cols, const std::vector<int64_t>& outs, bool parallel) {
+  const int64_t in = x.size(1), in_pad = (in + W - 1) / W * W;
   const T* xp = x.data_ptr<T>();
-  T* yp = y.data_ptr<T>();
   int64_t rank = 0;
   for (const auto& ag : a) rank = std::max(rank, ag.size(1));
   constexpr bool bf16_dot = kBf16Dot && std::is_same_v<T, at::BFloat16>;
-  at::parallel_for(0, static_cast<int64_t>(blocks.size()), 1, [&](int64_t begin, int64_t end) {
+  auto run = [&](int64_t begin, int64_t end) {
     // Widened inputs of this range's rows (float path only), 8 rows per block.
     static thread_local std::vector<float> xf, h;      // reused: see make_blocks
     xf.assign(bf16_dot ? 0 : (end - begin) * 8 * in_pad, 0.f);
@@ -334,6 +361,8 @@ void apply_blocks(const at::Tensor& x, const std::vector<Block>& blocks, const s
     const float* xs[8];
     const T* xr[8];
     T* ys[8];
+    float* ds[8];
+    const Sink<T> sink{ys, dp == nullptr ? nullptr : ds};
     // Member by member, then slot by slot: each member's A and B stacks are read front to back, one
     // stream the hardware prefetcher follows (the order cannot change any row's result).
     for (size_t g = 0; g < a.size(); ++g) {
@@ -347,15 +376,64 @@ void apply_blocks(const at::Tensor& x, const std::vector<Block>& blocks, const s
           xr[n] = xp + blk.rows[n] * in;
           xs[n] = xf.data() + ((b - begin) * 8 + n) * in_pad;
           ys[n] = yp + blk.rows[n] * y_stride + cols[g];
+          if (dp != nullptr) ds[n] = dp + blk.rows[n] * d_stride + cols[g];
         }
         if constexpr (bf16_dot) {
-          block_delta_any<T, T>(nb, xr, in, ag, bg, r, out, ys, h.data());
+          block_delta_any<T, T>(nb, xr, in, ag, bg, r, out, sink, h.data());
         } else {
-          block_delta_any<T, float>(nb, xs, in, ag, bg, r, out, ys, h.data());
+          block_delta_any<T, float>(nb, xs, in, ag, bg, r, out, sink, h.data());
         }
       }
     }
-  });
+  };
+  const auto n = static_cast<int64_t>(blocks.size());
+  if (parallel) {
+    at::parallel_for(0, n, 1, run);
+  } else {
+    run(0, n);
+  }
+}
+
+// The deltas of `blocks` into the float32 buffer dp, shared between threads: each takes the next (member,
+// block) chunk from `next` until none is left (member by member, block by block, as apply_blocks reads
+// them).
+template <typename T>
+void apply_chunks(const at::Tensor& x, const std::vector<Block>& blocks, const std::vector<at::Tensor>& a,
+                  const std::vector<at::Tensor>& bt, float* dp, int64_t d_stride, const std::vector<int64_t>& cols,
+                  const std::vector<int64_t>& outs, std::atomic<int64_t>& next) {
+  const int64_t in = x.size(1), in_pad = (in + W - 1) / W * W;
+  const auto nblocks = static_cast<int64_t>(blocks.size()), total = nblocks * static_cast<int64_t>(a.size());
+  const T* xp = x.data_ptr<T>();
+  int64_t rank = 0;
+  for (const auto& ag : a) rank = std::max(rank, ag.size(1));
+  constexpr bool bf16_dot = kBf16Dot && std::is_same_v<T, at::BFloat16>;
+  static thread_local std::vector<float> xf, h;          // reused: see make_blocks
+  xf.assign(bf16_dot ? 0 : 8 * in_pad, 0.f);
+  h.resize(8 * std::max<int64_t>(rank, 1));
+  const float* xs[8];
+  const T* xr[8];
+  float* ds[8];
+  const Sink<T> sink{nullptr, ds};
+  for (int64_t i = next.fetch_add(1, std::memory_order_relaxed); i < total;
+       i = next.fetch_add(1, std::memory_order_relaxed)) {
+    const size_t g = static_cast<size_t>(i / nblocks);
+    const Block& blk = blocks[i % nblocks];
+    const int64_t r = a[g].size(1);
+    for (int n = 0; n < blk.nb; ++n) {
+      xr[n] = xp + blk.rows[n] * in;
+      xs[n] = xf.data() + n * in_pad;
+      ds[n] = dp + blk.rows[n] * d_stride + cols[g];
+      if constexpr (!bf16_dot)
+        for (int64_t k = 0; k < in; ++k) xf[n * in_pad + k] = static_cast<float>(xr[n][k]);
+    }
+    const T* ag = a[g].data_ptr<T>() + blk.slot * r * in;
+    const T* bg = bt[g].data_ptr<T>() + blk.slot * bt[g].stride(0);
+    if constexpr (bf16_dot) {
+      block_delta_any<T, T>(blk.nb, xr, in, ag, bg, r, outs[g], sink, h.data());
+    } else {
+      block_delta_any<T, float>(blk.nb, xs, in, ag, bg, r, outs[g], sink, h.data());
+    }
+  }
 }
 
 // Whether B tiles for tensors of this dtype hold pairs of rows (bf16 on CPUs with AVX512-BF16).
@@ -366,15 +444,14 @@ bool b_pairs(const at::Tensor& like) { return b_pairs_for(like.scalar_type()); }
 // (or [L, ceil(out_g / 16), ceil(r_g / 2), 16, 2] where b_pairs): the scaled B^T in tiles of 16 output
 // columns, zero-padded, so the up-projection reads one contiguous stream; y [T, >= cols[g] + outs[g]]
 // is updated in place, member g at column cols[g].
-void multi_lora_apply(const at::Tensor& x, const at::Tensor& token_slots, const std::vector<at::Tensor>& a,
-                      const std::vector<at::Tensor>& b, at::Tensor y, const std::vector<int64_t>& cols,
+// The checks shared by the in-place apply and the deferred start: returns the slots every member has.
+int64_t checked_slots(const at::Tensor& x, const at::Tensor& token_slots, const std::vector<at::Tensor>& a,
+                      const std::vector<at::Tensor>& b, int64_t y_cols, const std::vector<int64_t>& cols,
                       const std::vector<int64_t>& outs) {
   TORCH_CHECK(x.dim() == 2 && x.is_contiguous() && x.device().is_cpu(), "x must be a contiguous CPU [T, in] tensor");
   TORCH_CHECK(token_slots.dim() == 1 && token_slots.size(0) == x.size(0) && token_slots.is_contiguous() &&
               token_slots.scalar_type() == at::kLong && token_slots.device().is_cpu(),
               "token_slots must be a contiguous int64 CPU [T] tensor");
-  TORCH_CHECK(y.dim() == 2 && y.size(0) == x.size(0) && y.stride(1) == 1 && y.scalar_type() == x.scalar_type() &&
-              y.device().is_cpu(), "y must be a CPU [T, out] tensor with unit column stride and x's dtype");
   TORCH_CHECK(a.size() == b.size() && a.size() == cols.size() && a.size() == outs.size(),
               "a, b, cols and outs need one entry per member");
   const bool pairs = b_pairs_for(x.scalar_type());
@@ -388,22 +465,159 @@ void multi_lora_apply(const at::Tensor& x, const at::Tensor& token_slots, const 
     TORCH_CHECK(ok && b[g].is_contiguous() && b[g].size(0) == a[g].size(0) && b[g].size(1) == tiles &&
                 b[g].device().is_cpu() && b[g].scalar_type() == x.scalar_type(), "b[", g, "] must be contiguous CPU ",
                 pairs ? "[L, ceil(out / 16), ceil(r / 2), 16, 2]" : "[L, ceil(out / 16), r, 16]", " matching a[", g, "]");
-    TORCH_CHECK(cols[g] >= 0 && cols[g] + outs[g] <= y.size(1), "member ", g, " overruns y's columns");
+    TORCH_CHECK(cols[g] >= 0 && cols[g] + outs[g] <= y_cols, "member ", g, " overruns y's columns");
     num_slots = num_slots < 0 ? a[g].size(0) : std::min(num_slots, a[g].size(0));
   }
   TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16,
               "multi_lora_apply supports float32 and bfloat16");
-  if (a.empty()) return;                 // no member has LoRA: nothing to add
   const int64_t* slots = token_slots.data_ptr<int64_t>();
-  for (int64_t t = 0; t < x.size(0); ++t)
+  for (int64_t t = 0; t < x.size(0) && !a.empty(); ++t)
     TORCH_CHECK(slots[t] < num_slots, "token ", t, " has slot ", slots[t], " of ", num_slots);
+  return num_slots;
+}
+
+void check_y(const at::Tensor& x, const at::Tensor& y) {
+  TORCH_CHECK(y.dim() == 2 && y.size(0) == x.size(0) && y.stride(1) == 1 && y.scalar_type() == x.scalar_type() &&
+              y.device().is_cpu(), "y must be a CPU [T, out] tensor with unit column stride and x's dtype");
+}
+
+// x [T, in]; token_slots [T] int64 (-1: base row); a[g] [L, r_g, in]; b[g] [L, ceil(out_g / 16), r_g, 16]
+// (or [L, ceil(out_g / 16), ceil(r_g / 2), 16, 2] where b_pairs): the scaled B^T in tiles of 16 output
+// columns, zero-padded, so the up-projection reads one contiguous stream; y [T, >= cols[g] + outs[g]]
+// is updated in place, member g at column cols[g].
+void multi_lora_apply(const at::Tensor& x, const at::Tensor& token_slots, const std::vector<at::Tensor>& a,
+                      const std::vector<at::Tensor>& b, at::Tensor y, const std::vector<int64_t>& cols,
+                      const std::vector<int64_t>& outs) {
+  TORCH_CHECK(x.dim() == 2 && x.is_contiguous() && x.device().is_cpu(), "x must be a contiguous CPU [T, in] tensor");
+  check_y(x, y);
+  const int64_t num_slots = checked_slots(x, token_slots, a, b, y.size(1), cols, outs);
+  if (a.empty()) return;                 // no member has LoRA: nothing to add
   pybind11::gil_scoped_release no_gil;   // pure arithmetic: let the HTTP thread run meanwhile
-  const std::vector<Block>& blocks = make_blocks(slots, x.size(0), num_slots);
+  const std::vector<Block>& blocks = make_blocks(token_slots.data_ptr<int64_t>(), x.size(0), num_slots);
   if (x.scalar_type() == at::kBFloat16) {
-    apply_blocks<at::BFloat16>(x, blocks, a, b, y, cols, outs);
+    apply_blocks<at::BFloat16>(x, blocks, a, b, y.data_ptr<at::BFloat16>(), y.stride(0), nullptr, 0, cols, outs, true);
   } else {
-    apply_blocks<float>(x, blocks, a, b, y, cols, outs);
+    apply_blocks<float>(x, blocks, a, b, y.data_ptr<float>(), y.stride(0), nullptr, 0, cols, outs, true);
   }
+}
+
+inline void cpu_relax() {
+#if defined(__x86_64__) || defined(__i386__)
+  __builtin_ia32_pause();
+#endif
+}
+
+// A second thread for the deltas, so they run beside the base GEMM instead of after it: Group.start hands
+// it x and the slots, the caller runs its GEMM, Group.finish takes whatever chunks the worker has not
+// started (it may have had no core: the HTTP thread shares it), waits for the one in flight, and adds the
+// deltas (kept in float32) into y with the same one rounding the in-place apply does: the same bits. The
+// deltas are bound by reading the adapters (78 MB a step for 8 SmolLM2 adapters), the GEMM by arithmetic,
+// so on two cores the reads cost little time. One job at a time: finish before the next start.
+class Worker {
+ public:
+  struct Job {
+    at::Tensor x;
+    std::vector<at::Tensor> a, b;
+    std::vector<int64_t> cols, outs;
+    std::vector<Block> blocks;
+    int64_t d_cols = 0;
+  };
+
+  static Worker& get() {
+    static Worker* worker = new Worker();    // never destroyed: its thread lives as long as the process
+    return *worker;
+  }
+
+  void start(Job job) {
+    TORCH_CHECK(state_.load(std::memory_order_acquire) == kIdle, "a multi-LoRA job is already running");
+    job_ = std::move(job);
+    delta_.resize(job_.x.size(0) * job_.d_cols);
+    next_.store(0, std::memory_order_relaxed);
+    {
+      std::lock_guard<std::mutex> lock(mutex_);
+      state_.store(kPosted, std::memory_order_release);
+    }
+    wake_.notify_one();
+  }
+
+  // Do the chunks the worker has not taken, then wait for its last one; returns the job with its deltas
+  // (rows of d_cols floats).
+  const Job& wait(const float** delta) {
+    TORCH_CHECK(state_.load(std::memory_order_acquire) != kIdle, "finish without start");
+    run();
+    int posted = kPosted;                      // a worker that never woke must not start it now
+    if (!state_.compare_exchange_strong(posted, kTaken, std::memory_order_acq_rel))
+      while (state_.load(std::memory_order_acquire) != kDone) cpu_relax();
+    *delta = delta_.data();
+    return job_;
+  }
+
+  void release() {
+    job_ = Job{};                             // drop the tensor references now
+    state_.store(kIdle, std::memory_order_release);
+  }
+
+ private:
+  // kPosted: a job waits; kRunning: the worker is on it; kDone: the worker is off it; kTaken: the caller
+  // did it all before the worker woke.
+  static constexpr int kIdle = 0, kPosted = 1, kRunning = 2, kDone = 3, kTaken = 4;
+  static constexpr int kPollUs = 2000;
+
+  Worker() : thread_([this] { loop(); }) { thread_.detach(); }
+
+  void loop() {
+    at::set_num_threads(1);
+    for (;;) {
+      // Poll first, yielding the core to any other runnable thread (the HTTP thread on a small box): the
+      // next group's job comes within tens to a few hundred microseconds, and waking a sleeping thread
+      // costs ~10-20 us of the caller's time on a VM. Between steps it goes to sleep.
+      const auto until = std::chrono::steady_clock::now() + std::chrono::microseconds(kPollUs);
+      while (state_.load(std::memory_order_acquire) != kPosted && std::chrono::steady_clock::now() < until)
+        sched_yield();
+      if (state_.load(std::memory_order_acquire) != kPosted) {
+        std::unique_lock<std::mutex> lock(mutex_);
+        wake_.wait(lock, [this] { return state_.load(std::memory_order_acquire) == kPosted; });
+      }
+      int posted = kPosted;
+      if (!state_.compare_exchange_strong(posted, kRunning, std::memory_order_acq_rel)) continue;
+      run();
+      state_.store(kDone, std::memory_order_release);
+    }
+  }
+
+  void run() {
+    const Job& j = job_;
+    float* d = delta_.data();
+    if (j.x.scalar_type() == at::kBFloat16) {
+      apply_chunks<at::BFloat16>(j.x, j.blocks, j.a, j.b, d, j.d_cols, j.cols, j.outs, next_);
+    } else {
+      apply_chunks<float>(j.x, j.blocks, j.a, j.b, d, j.d_cols, j.cols, j.outs, next_);
+    }
+  }
+
+  std::atomic<int> state_{kIdle};
+  std::atomic<int64_t> next_{0};             // the next chunk to take
+  std::mutex mutex_;
+  std::condition_variable wake_;
+  Job job_;
+  std::vector<float> delta_;
+  std::thread thread_;
+};
+
+// y's rows of the job's blocks += their deltas, member by member, W columns at a time, as add_delta does in
+// the in-place apply.
+template <typename T>
+void add_deltas(const Worker::Job& job, const float* delta, T* yp, int64_t y_stride) {
+  for (const Block& blk : job.blocks)
+    for (int n = 0; n < blk.nb; ++n) {
+      T* y = yp + blk.rows[n] * y_stride;
+      const float* d = delta + blk.rows[n] * job.d_cols;
+      for (size_t g = 0; g < job.cols.size(); ++g)
+        for (int64_t j = 0; j < job.outs[g]; j += W) {
+          const int64_t c = job.cols[g] + j, w = std::min<int64_t>(W, job.outs[g] - j);
+          add_delta(y + c, w == W ? load(d + c) : load_partial(d + c, w), w);
+        }
+    }
 }
 
 // One projection group's adapters, bound once per slot change: each forward then passes only tensors,
@@ -419,6 +633,40 @@ struct Group {
     multi_lora_apply(x.reshape({-1, x.size(-1)}).contiguous(), token_slots, a, b, y.view({-1, y.size(-1)}),
                      cols, outs);
   }
+
+  // The deltas for x's rows start on the worker thread; `finish(y)` adds them. False (nothing started)
+  // when no member has LoRA.
+  bool start(const at::Tensor& x, const at::Tensor& token_slots) const {
+    TORCH_CHECK(x.dim() >= 2, "x must be [..., in]");
+    Worker::Job job{x.reshape({-1, x.size(-1)}).contiguous(), a, b, cols, outs, {}, 0};
+    for (size_t g = 0; g < cols.size(); ++g) job.d_cols = std::max(job.d_cols, cols[g] + outs[g]);
+    const int64_t num_slots = checked_slots(job.x, token_slots, a, b, job.d_cols, cols, outs);
+    if (a.empty()) return false;
+    job.blocks = make_blocks(token_slots.data_ptr<int64_t>(), job.x.size(0), num_slots);
+    Worker::get().start(std::move(job));
+    return true;
+  }
+
+  void finish(const at::Tensor& y) const {
+    Worker& worker = Worker::get();
+    const float* delta = nullptr;
+    {
+      pybind11::gil_scoped_release no_gil;
+      const Worker::Job& job = worker.wait(&delta);
+      const at::Tensor y2 = y.view({-1, y.size(-1)});
+      const bool ok = y2.size(0) == job.x.size(0) && y2.size(1) >= job.d_cols && y2.stride(1) == 1 &&
+                      y2.scalar_type() == job.x.scalar_type() && y2.device().is_cpu();
+      if (ok) {
+        if (y2.scalar_type() == at::kBFloat16) {
+          add_deltas<at::BFloat16>(job, delta, y2.data_ptr<at::BFloat16>(), y2.stride(0));
+        } else {
+          add_deltas<float>(job, delta, y2.data_ptr<float>(), y2.stride(0));
+        }
+      }
+      worker.release();
+      TORCH_CHECK(ok, "finish: y must be a CPU [T, out] tensor with unit column stride, x's rows and dtype");
+    }
+  }
 };
 
 }  // namespace
@@ -427,7 +675,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   pybind11::class_<Group>(m, "Group")
       .def(pybind11::init<std::vector<at::Tensor>, std::vector<at::Tensor>, std::vector<int64_t>, std::vector<int64_t>>(),
            "a, b, cols, outs as multi_lora_apply takes them")
-      .def("apply", &Group::apply, "multi_lora_apply(x, token_slots, a, b, y, cols, outs) with the bound a, b, cols, outs");
+      .def("apply", &Group::apply, "multi_lora_apply(x, token_slots, a, b, y, cols, outs) with the bound a, b, cols, outs")
+      .def("start", &Group::start, "begin x's deltas on the worker thread; False if no member has LoRA")
+      .def("finish", &Group::finish, "wait for the started deltas and add them into y (same bits as apply)");
   m.def("multi_lora_apply", &multi_lora_apply, "y[t] += B_s A_s x[t] for each row t's own slot s, in place");
   m.def("b_pairs", &b_pairs, "whether B tiles for tensors of this one's dtype hold pairs of rows");
 }
