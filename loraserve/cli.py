@@ -78,9 +78,10 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
                    help="CPU: do not build or use the C++ kernels for bf16 linear layers (AVX512-BF16 CPUs), "
                         "decode attention and multi-LoRA (built on first start, ~20 s each, then cached); "
                         "oneDNN and PyTorch matmuls run instead")
-    g.add_argument("--no-lora-worker", dest="lora_worker", action="store_false",
-                   help="CPU, one engine thread: compute the adapters' deltas after each base GEMM on the engine "
-                        "thread instead of beside it on a worker thread (the same bits either way)")
+    g.add_argument("--no-helper-thread", dest="helper_thread", action="store_false",
+                   help="CPU, one engine thread on 2+ cores: do not let a helper thread share each GEMM's columns "
+                        "and run the adapters' deltas beside the base GEMMs on the core left to the HTTP server "
+                        "(the same bits either way)")
     g.add_argument("--no-lean-forward", dest="lean_forward", action="store_false",
                    help="Llama, Qwen2 and Mistral models: run transformers' own layer forward instead of "
                         "loraserve's flat loop over the layers with fused norm, RoPE and SiLU ops (same math; "
@@ -166,7 +167,7 @@ def engine_config(args: argparse.Namespace) -> EngineConfig:
         max_num_batched_tokens=args.max_num_batched_tokens, block_size=args.block_size,
         num_kv_blocks=args.num_kv_blocks, kv_cache_memory_gb=args.kv_cache_memory_gb, seed=args.seed,
         prepack_weights=args.prepack_weights, cpu_kernels=args.cpu_kernels, lean_forward=args.lean_forward,
-        lora_worker=args.lora_worker,
+        helper_thread=args.helper_thread,
         trust_remote_code=args.trust_remote_code, lora=lora)
 
 

@@ -20,8 +20,8 @@ class EngineConfig:
     cpu_kernels: bool = True                # CPU: the C++ decode-attention and multi-LoRA kernels (model/kernels.py)
     lean_forward: bool = True               # Llama/Qwen2/Mistral: loraserve's flat layer loop (model/decoder.py)
     num_threads: int | None = None          # torch threads of the async serving loop (None: torch's default)
-    lora_worker: bool = True                # CPU kernel, 1 engine thread, 2+ cores: adapters' deltas on a second
-    #                                         thread beside the base GEMM (lora/fused.py)
+    helper_thread: bool = True              # CPU kernels, 1 engine thread, 2+ cores: a helper thread shares each
+    #                                         GEMM's columns and runs the adapters' deltas (csrc/helper_thread.h)
     trust_remote_code: bool = False
     lora: "LoRAConfig" = field(default_factory=lambda: LoRAConfig())
 

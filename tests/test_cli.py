@@ -52,9 +52,9 @@ def test_no_cpu_kernels_maps_onto_engine_config():
     assert serve_config("m", "--no-cpu-kernels") == EngineConfig(model="m", cpu_kernels=False)
 
 
-def test_no_lora_worker_maps_onto_engine_config():
-    assert serve_config("m", "--no-lora-worker") == EngineConfig(model="m", lora_worker=False)
-    assert serve_config("m").lora_worker
+def test_no_helper_thread_maps_onto_engine_config():
+    assert serve_config("m", "--no-helper-thread") == EngineConfig(model="m", helper_thread=False)
+    assert serve_config("m").helper_thread
 
 
 def test_no_lean_forward_maps_onto_engine_config():

@@ -61,6 +61,26 @@ def test_each_row_is_the_same_whatever_shares_its_batch(gemm, threads):
     assert torch.equal(gemm.linear(x, packed, 200, b), together)     # and with the suite's own threads
 
 
+@pytest.mark.parametrize("rows", [1, 16, 40])
+@pytest.mark.parametrize("in_f,out_f", [(576, 960), (576, 4 * 3 * 16), (64, 49152)])
+def test_the_helper_thread_shares_columns_and_changes_no_bit(gemm, rows, in_f, out_f):
+    """With one torch thread and the helper on, the helper thread takes runs of column blocks (the engine
+    turns it on when it serves with one thread on 2+ cores): every element equals the one-thread result.
+    The helper may get no core at all: the caller then does every run itself, with the same result."""
+    x, w, b = data(rows, in_f, out_f, seed=rows)
+    packed = gemm.pack(w)
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        alone = gemm.linear(x, packed, out_f, b)
+        gemm.set_helper(True)
+        shared = [gemm.linear(x, packed, out_f, b) for _ in range(20)]
+    finally:
+        gemm.set_helper(False)
+        torch.set_num_threads(before)
+    assert all(torch.equal(s.view(torch.int16), alone.view(torch.int16)) for s in shared)
+
+
 def test_stacked_columns_equal_separate_weights(gemm):
     """q/k/v, gate/up and LoRA's projection groups stack their members' weights into one GEMM."""
     x, _, _ = data(16, 64, 1)

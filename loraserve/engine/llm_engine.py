@@ -76,6 +76,8 @@ class LLMEngine:
 
         if config.prepack_weights:
             gemm = kernels.gemm() if self._cpu_kernels() and self.dtype == torch.bfloat16 else None
+            if gemm is not None:
+                gemm.set_helper(self._helper_thread())
             log.info("prepacked %d linear weights for %s", prepack_linears(self.model, gemm),
                      "the C++ bf16 GEMM" if gemm is not None else "oneDNN")
         if not config.lora.enable_lora:    # LoRA's layers group the same siblings themselves (lora/fused.py)
@@ -112,6 +114,13 @@ class LLMEngine:
                  "C++" if ops is not None else "PyTorch")
         return LeanDecoder(self.model, ops)
 
+    def _helper_thread(self) -> bool:
+        """Whether the C++ kernels may use their helper thread (model/csrc/helper_thread.h): it takes the core
+        the engine's one thread leaves to the HTTP server, sharing it (with more engine threads the kernels
+        split their work over those instead)."""
+        return (self._cpu_kernels() and self.config.helper_thread and self.config.num_threads == 1
+                and len(os.sched_getaffinity(0)) >= 2)
+
     def _cpu_kernels(self) -> bool:
         """Whether this engine uses the C++ CPU kernels (model/csrc): on CPU in float32 or bfloat16."""
         return self.config.cpu_kernels and self.device.type == "cpu" and self.dtype in (torch.bfloat16, torch.float32)
@@ -130,15 +139,12 @@ class LLMEngine:
     def _load_adapters(self, config: EngineConfig) -> LoRAManager:
         """Load every --lora-modules adapter; if any is bad, refuse to start and name each one and why."""
         kernel = kernels.multi_lora() if self._cpu_kernels() else None
-        # The worker thread takes the core the engine's one thread leaves free (to the HTTP server, which
-        # it shares); with more engine threads the kernel splits its work over them instead.
-        worker = (kernel is not None and config.lora_worker and config.num_threads == 1
-                  and len(os.sched_getaffinity(0)) >= 2)
+        beside = kernel is not None and self._helper_thread()
         if kernel is not None:
-            log.info("multi-LoRA deltas: %s", "on a worker thread beside each base GEMM" if worker
+            log.info("multi-LoRA deltas: %s", "on the helper thread beside each base GEMM" if beside
                      else "after each base GEMM")
         manager = LoRAManager(self.model, config.lora.max_loras, config.lora.max_lora_rank,
-                              max_cpu_loras=config.lora.max_cpu_loras, kernel=kernel, deltas_beside=worker)
+                              max_cpu_loras=config.lora.max_cpu_loras, kernel=kernel, deltas_beside=beside)
         errors = []
         for name, path in config.lora.lora_modules.items():
             if name == self.served_model_name:

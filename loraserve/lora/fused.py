@@ -25,10 +25,10 @@ one kernel call applies each row's own adapter and nothing else, reading the mem
 place. Per layer that is 4 GEMMs + 4 kernel calls, and the LoRA work is ~5% of the base FLOPs instead
 of ~37% (8 slots of rank 16). That work is bound by reading the adapters (78 MB a step for 8 SmolLM2
 adapters), the base GEMM by arithmetic: with one engine thread on a machine of 2+ cores (the serving
-default) the kernel's worker thread computes the deltas while this thread runs the base GEMM, and the
-engine thread takes over whatever chunks the worker has not reached when its GEMM is done (the worker
-shares its core with the HTTP server). The deltas are added with the same one rounding: the same bits.
-Served on 2 cores, 8 mixed adapters: ~500 -> ~535 tok/s (bench/README.md)."""
+default) the kernels' helper thread (model/csrc/helper_thread.h) computes the deltas while this thread
+runs the base GEMM, and this thread takes over whatever chunks the helper has not reached when its GEMM
+is done (the helper shares its core with the HTTP server). The deltas are added with the same one
+rounding: the same bits."""
 
 import torch
 import torch.nn.functional as F
@@ -51,7 +51,7 @@ class ProjectionGroup(SiblingGroup):
                  arena: HugePageArena | None = None, deltas_beside: bool = False) -> None:
         super().__init__(members)
         self.kernel = kernel                              # kernels.multi_lora() or None
-        self.deltas_beside = deltas_beside                # kernel path: deltas on its worker during the GEMM
+        self.deltas_beside = deltas_beside                # kernel path: deltas on its helper thread during the GEMM
         self.arena = arena                                # kernel path: where the A stacks and B tiles live
         self.outs = [m.out_features for m in members]
         self.stale = True                                 # a member's slot changed since the last _sync
@@ -186,7 +186,7 @@ class ProjectionGroup(SiblingGroup):
             if self.kernel_group is None or lora is None or not lora.any_lora:
                 y = self.packed_w.linear(x, self.w_cat, self.b_cat)
             elif self.deltas_beside:
-                # The worker computes each row's own delta (reading the adapters) while this thread runs
+                # The helper thread computes each row's own delta (reading the adapters) while this thread runs
                 # the base GEMM (arithmetic); finish adds them with apply's one rounding: the same bits.
                 started = self.kernel_group.start(x, lora.token_slots)
                 y = self.packed_w.linear(x, self.w_cat, self.b_cat)
@@ -236,7 +236,7 @@ def link_projection_groups(model: nn.Module, kernel: object | None = None, arena
     """Group sibling projections that read the same input (same parent, known names, same in_features);
     o_proj and down_proj form groups of one. `kernel`: the C++ multi-LoRA kernel, or None for PyTorch;
     `arena`: where the kernel path keeps the adapters' A stacks and B tiles (None: ordinary memory);
-    `deltas_beside`: the kernel's deltas run on its worker thread during the base GEMM."""
+    `deltas_beside`: the kernel's deltas run on its helper thread during the base GEMM."""
     groups = []
     for parent in model.modules():
         for names in GROUPS:

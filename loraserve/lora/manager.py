@@ -101,7 +101,7 @@ class LoRAManager:
                  device: torch.device | str | None = None, dtype: torch.dtype | None = None,
                  max_cpu_loras: int | None = None, kernel: object | None = None, deltas_beside: bool = False) -> None:
         """`kernel`: the C++ multi-LoRA kernel (model.kernels.multi_lora()) for the projection groups, or
-        None to apply LoRA with PyTorch matmuls; `deltas_beside`: the kernel's deltas run on its worker
+        None to apply LoRA with PyTorch matmuls; `deltas_beside`: the kernel's deltas run on its helper
         thread while the base GEMM runs (lora/fused.py)."""
         if max_loras < 1:
             raise ValueError("max_loras must be at least 1")

@@ -14,23 +14,18 @@
 //     bf16 lora_A output is; float32 (and bf16 elsewhere) widens to float32 and uses FMAs.
 // Each row has its own accumulators and sees the same operations in the same order whatever block it
 // is in, so a row's result never depends on its neighbours (tests/test_multi_lora_kernel.py checks it);
-// base rows (slot < 0) are not touched at all. Group.start / finish run the same deltas on a worker
-// thread while the caller computes the base GEMM (see Worker below). Built by model/kernels.py with
+// base rows (slot < 0) are not touched at all. Group.start / finish run the same deltas on the helper
+// thread while the caller computes the base GEMM (see DeltaJob below). Built by model/kernels.py with
 // torch's cpp_extension.
 
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 
-#include <sched.h>
+#include "helper_thread.h"
 
 #include <algorithm>
-#include <atomic>
-#include <chrono>
-#include <condition_variable>
 #include <cstdint>
 #include <cstring>
-#include <mutex>
-#include <thread>
 #include <type_traits>
 #include <vector>
 #if defined(__AVX512BF16__)
@@ -334,12 +329,11 @@ const std::vector<Block>& make_blocks(const int64_t* slots, int64_t n_rows, int6
   return blocks;
 }
 
-// The deltas of `blocks` into y (yp, row stride y_stride), or, where dp is given, into that float32
-// buffer (row stride d_stride) for a deferred add. `parallel`: split the blocks over torch's threads.
+// The deltas of `blocks` added into y (yp, row stride y_stride), the blocks split over torch's threads.
 template <typename T>
 void apply_blocks(const at::Tensor& x, const std::vector<Block>& blocks, const std::vector<at::Tensor>& a,
-                  const std::vector<at::Tensor>& bt, T* yp, int64_t y_stride, float* dp, int64_t d_stride,
-                  const std::vector<int64_t>& cols, const std::vector<int64_t>& outs, bool parallel) {
+                  const std::vector<at::Tensor>& bt, T* yp, int64_t y_stride, const std::vector<int64_t>& cols,
+                  const std::vector<int64_t>& outs) {
   const int64_t in = x.size(1), in_pad = (in + W - 1) / W * W;
   const T* xp = x.data_ptr<T>();
   int64_t rank = 0;
@@ -361,8 +355,7 @@ void apply_blocks(const at::Tensor& x, const std::vector<Block>& blocks, const s
     const float* xs[8];
     const T* xr[8];
     T* ys[8];
-    float* ds[8];
-    const Sink<T> sink{ys, dp == nullptr ? nullptr : ds};
+    const Sink<T> sink{ys, nullptr};
     // Member by member, then slot by slot: each member's A and B stacks are read front to back, one
     // stream the hardware prefetcher follows (the order cannot change any row's result).
     for (size_t g = 0; g < a.size(); ++g) {
@@ -376,7 +369,6 @@ void apply_blocks(const at::Tensor& x, const std::vector<Block>& blocks, const s
           xr[n] = xp + blk.rows[n] * in;
           xs[n] = xf.data() + ((b - begin) * 8 + n) * in_pad;
           ys[n] = yp + blk.rows[n] * y_stride + cols[g];
-          if (dp != nullptr) ds[n] = dp + blk.rows[n] * d_stride + cols[g];
         }
         if constexpr (bf16_dot) {
           block_delta_any<T, T>(nb, xr, in, ag, bg, r, out, sink, h.data());
@@ -386,53 +378,39 @@ void apply_blocks(const at::Tensor& x, const std::vector<Block>& blocks, const s
       }
     }
   };
-  const auto n = static_cast<int64_t>(blocks.size());
-  if (parallel) {
-    at::parallel_for(0, n, 1, run);
-  } else {
-    run(0, n);
-  }
+  at::parallel_for(0, static_cast<int64_t>(blocks.size()), 1, run);
 }
 
-// The deltas of `blocks` into the float32 buffer dp, shared between threads: each takes the next (member,
-// block) chunk from `next` until none is left (member by member, block by block, as apply_blocks reads
-// them).
+// Member g's deltas for one block of rows into the float32 buffer dp (row stride d_stride): one chunk of a
+// deferred job (Group.start), run by whichever thread takes it.
 template <typename T>
-void apply_chunks(const at::Tensor& x, const std::vector<Block>& blocks, const std::vector<at::Tensor>& a,
-                  const std::vector<at::Tensor>& bt, float* dp, int64_t d_stride, const std::vector<int64_t>& cols,
-                  const std::vector<int64_t>& outs, std::atomic<int64_t>& next) {
-  const int64_t in = x.size(1), in_pad = (in + W - 1) / W * W;
-  const auto nblocks = static_cast<int64_t>(blocks.size()), total = nblocks * static_cast<int64_t>(a.size());
-  const T* xp = x.data_ptr<T>();
-  int64_t rank = 0;
-  for (const auto& ag : a) rank = std::max(rank, ag.size(1));
+void block_chunk(const at::Tensor& x, const Block& blk, const at::Tensor& a, const at::Tensor& bt, int64_t col,
+                 int64_t out, float* dp, int64_t d_stride) {
+  const int64_t in = x.size(1), in_pad = (in + W - 1) / W * W, r = a.size(1);
   constexpr bool bf16_dot = kBf16Dot && std::is_same_v<T, at::BFloat16>;
   static thread_local std::vector<float> xf, h;          // reused: see make_blocks
-  xf.assign(bf16_dot ? 0 : 8 * in_pad, 0.f);
-  h.resize(8 * std::max<int64_t>(rank, 1));
+  xf.resize(bf16_dot ? 0 : 8 * in_pad);
+  h.resize(8 * std::max<int64_t>(r, 1));
+  const T* xp = x.data_ptr<T>();
   const float* xs[8];
   const T* xr[8];
   float* ds[8];
+  for (int n = 0; n < blk.nb; ++n) {
+    xr[n] = xp + blk.rows[n] * in;
+    xs[n] = xf.data() + n * in_pad;
+    ds[n] = dp + blk.rows[n] * d_stride + col;
+    if constexpr (!bf16_dot) {
+      std::fill(xf.begin() + n * in_pad, xf.begin() + (n + 1) * in_pad, 0.f);
+      for (int64_t k = 0; k < in; ++k) xf[n * in_pad + k] = static_cast<float>(xr[n][k]);
+    }
+  }
   const Sink<T> sink{nullptr, ds};
-  for (int64_t i = next.fetch_add(1, std::memory_order_relaxed); i < total;
-       i = next.fetch_add(1, std::memory_order_relaxed)) {
-    const size_t g = static_cast<size_t>(i / nblocks);
-    const Block& blk = blocks[i % nblocks];
-    const int64_t r = a[g].size(1);
-    for (int n = 0; n < blk.nb; ++n) {
-      xr[n] = xp + blk.rows[n] * in;
-      xs[n] = xf.data() + n * in_pad;
-      ds[n] = dp + blk.rows[n] * d_stride + cols[g];
-      if constexpr (!bf16_dot)
-        for (int64_t k = 0; k < in; ++k) xf[n * in_pad + k] = static_cast<float>(xr[n][k]);
-    }
-    const T* ag = a[g].data_ptr<T>() + blk.slot * r * in;
-    const T* bg = bt[g].data_ptr<T>() + blk.slot * bt[g].stride(0);
-    if constexpr (bf16_dot) {
-      block_delta_any<T, T>(blk.nb, xr, in, ag, bg, r, outs[g], sink, h.data());
-    } else {
-      block_delta_any<T, float>(blk.nb, xs, in, ag, bg, r, outs[g], sink, h.data());
-    }
+  const T* ag = a.data_ptr<T>() + blk.slot * r * in;
+  const T* bg = bt.data_ptr<T>() + blk.slot * bt.stride(0);
+  if constexpr (bf16_dot) {
+    block_delta_any<T, T>(blk.nb, xr, in, ag, bg, r, out, sink, h.data());
+  } else {
+    block_delta_any<T, float>(blk.nb, xs, in, ag, bg, r, out, sink, h.data());
   }
 }
 
@@ -495,119 +473,48 @@ void multi_lora_apply(const at::Tensor& x, const at::Tensor& token_slots, const 
   pybind11::gil_scoped_release no_gil;   // pure arithmetic: let the HTTP thread run meanwhile
   const std::vector<Block>& blocks = make_blocks(token_slots.data_ptr<int64_t>(), x.size(0), num_slots);
   if (x.scalar_type() == at::kBFloat16) {
-    apply_blocks<at::BFloat16>(x, blocks, a, b, y.data_ptr<at::BFloat16>(), y.stride(0), nullptr, 0, cols, outs, true);
+    apply_blocks<at::BFloat16>(x, blocks, a, b, y.data_ptr<at::BFloat16>(), y.stride(0), cols, outs);
   } else {
-    apply_blocks<float>(x, blocks, a, b, y.data_ptr<float>(), y.stride(0), nullptr, 0, cols, outs, true);
+    apply_blocks<float>(x, blocks, a, b, y.data_ptr<float>(), y.stride(0), cols, outs);
   }
 }
 
-inline void cpu_relax() {
-#if defined(__x86_64__) || defined(__i386__)
-  __builtin_ia32_pause();
-#endif
-}
+// A deferred job: the deltas run on the helper thread (helper_thread.h) while the caller computes the
+// base GEMM. Group.start posts its (member, block) chunks, member by member as apply_blocks reads them;
+// Group.finish joins (doing whatever chunks the helper has not reached: it shares its core with the HTTP
+// server) and adds the deltas, kept in float32, into y with the one rounding the in-place apply uses:
+// the same bits. The deltas are bound by reading the adapters (78 MB a step for 8 SmolLM2 adapters), the
+// GEMM by arithmetic, so on two cores the reads cost little time. One job at a time: finish, then start.
+struct DeltaJob {
+  at::Tensor x;
+  std::vector<at::Tensor> a, b;
+  std::vector<int64_t> cols, outs;
+  std::vector<Block> blocks;
+  int64_t d_cols = 0;
+  std::vector<float> delta;     // [T, d_cols]
 
-// A second thread for the deltas, so they run beside the base GEMM instead of after it: Group.start hands
-// it x and the slots, the caller runs its GEMM, Group.finish takes whatever chunks the worker has not
-// started (it may have had no core: the HTTP thread shares it), waits for the one in flight, and adds the
-// deltas (kept in float32) into y with the same one rounding the in-place apply does: the same bits. The
-// deltas are bound by reading the adapters (78 MB a step for 8 SmolLM2 adapters), the GEMM by arithmetic,
-// so on two cores the reads cost little time. One job at a time: finish before the next start.
-class Worker {
- public:
-  struct Job {
-    at::Tensor x;
-    std::vector<at::Tensor> a, b;
-    std::vector<int64_t> cols, outs;
-    std::vector<Block> blocks;
-    int64_t d_cols = 0;
-  };
-
-  static Worker& get() {
-    static Worker* worker = new Worker();    // never destroyed: its thread lives as long as the process
-    return *worker;
+  static DeltaJob& current() {
+    static DeltaJob* job = new DeltaJob();
+    return *job;
   }
 
-  void start(Job job) {
-    TORCH_CHECK(state_.load(std::memory_order_acquire) == kIdle, "a multi-LoRA job is already running");
-    job_ = std::move(job);
-    delta_.resize(job_.x.size(0) * job_.d_cols);
-    next_.store(0, std::memory_order_relaxed);
-    {
-      std::lock_guard<std::mutex> lock(mutex_);
-      state_.store(kPosted, std::memory_order_release);
-    }
-    wake_.notify_one();
-  }
-
-  // Do the chunks the worker has not taken, then wait for its last one; returns the job with its deltas
-  // (rows of d_cols floats).
-  const Job& wait(const float** delta) {
-    TORCH_CHECK(state_.load(std::memory_order_acquire) != kIdle, "finish without start");
-    run();
-    int posted = kPosted;                      // a worker that never woke must not start it now
-    if (!state_.compare_exchange_strong(posted, kTaken, std::memory_order_acq_rel))
-      while (state_.load(std::memory_order_acquire) != kDone) cpu_relax();
-    *delta = delta_.data();
-    return job_;
-  }
-
-  void release() {
-    job_ = Job{};                             // drop the tensor references now
-    state_.store(kIdle, std::memory_order_release);
-  }
-
- private:
-  // kPosted: a job waits; kRunning: the worker is on it; kDone: the worker is off it; kTaken: the caller
-  // did it all before the worker woke.
-  static constexpr int kIdle = 0, kPosted = 1, kRunning = 2, kDone = 3, kTaken = 4;
-  static constexpr int kPollUs = 2000;
-
-  Worker() : thread_([this] { loop(); }) { thread_.detach(); }
-
-  void loop() {
-    at::set_num_threads(1);
-    for (;;) {
-      // Poll first, yielding the core to any other runnable thread (the HTTP thread on a small box): the
-      // next group's job comes within tens to a few hundred microseconds, and waking a sleeping thread
-      // costs ~10-20 us of the caller's time on a VM. Between steps it goes to sleep.
-      const auto until = std::chrono::steady_clock::now() + std::chrono::microseconds(kPollUs);
-      while (state_.load(std::memory_order_acquire) != kPosted && std::chrono::steady_clock::now() < until)
-        sched_yield();
-      if (state_.load(std::memory_order_acquire) != kPosted) {
-        std::unique_lock<std::mutex> lock(mutex_);
-        wake_.wait(lock, [this] { return state_.load(std::memory_order_acquire) == kPosted; });
-      }
-      int posted = kPosted;
-      if (!state_.compare_exchange_strong(posted, kRunning, std::memory_order_acq_rel)) continue;
-      run();
-      state_.store(kDone, std::memory_order_release);
-    }
-  }
-
-  void run() {
-    const Job& j = job_;
-    float* d = delta_.data();
+  static void chunk(void* ctx, int64_t i) {
+    const DeltaJob& j = *static_cast<const DeltaJob*>(ctx);
+    const auto nb = static_cast<int64_t>(j.blocks.size());
+    const size_t g = static_cast<size_t>(i / nb);
+    float* d = const_cast<float*>(j.delta.data());
     if (j.x.scalar_type() == at::kBFloat16) {
-      apply_chunks<at::BFloat16>(j.x, j.blocks, j.a, j.b, d, j.d_cols, j.cols, j.outs, next_);
+      block_chunk<at::BFloat16>(j.x, j.blocks[i % nb], j.a[g], j.b[g], j.cols[g], j.outs[g], d, j.d_cols);
     } else {
-      apply_chunks<float>(j.x, j.blocks, j.a, j.b, d, j.d_cols, j.cols, j.outs, next_);
+      block_chunk<float>(j.x, j.blocks[i % nb], j.a[g], j.b[g], j.cols[g], j.outs[g], d, j.d_cols);
     }
   }
-
-  std::atomic<int> state_{kIdle};
-  std::atomic<int64_t> next_{0};             // the next chunk to take
-  std::mutex mutex_;
-  std::condition_variable wake_;
-  Job job_;
-  std::vector<float> delta_;
-  std::thread thread_;
 };
 
 // y's rows of the job's blocks += their deltas, member by member, W columns at a time, as add_delta does in
 // the in-place apply.
 template <typename T>
-void add_deltas(const Worker::Job& job, const float* delta, T* yp, int64_t y_stride) {
+void add_deltas(const DeltaJob& job, const float* delta, T* yp, int64_t y_stride) {
   for (const Block& blk : job.blocks)
     for (int n = 0; n < blk.nb; ++n) {
       T* y = yp + blk.rows[n] * y_stride;
@@ -634,38 +541,52 @@ struct Group {
                      cols, outs);
   }
 
-  // The deltas for x's rows start on the worker thread; `finish(y)` adds them. False (nothing started)
+  // The deltas for x's rows start on the helper thread; `finish(y)` adds them. False (nothing started)
   // when no member has LoRA.
   bool start(const at::Tensor& x, const at::Tensor& token_slots) const {
     TORCH_CHECK(x.dim() >= 2, "x must be [..., in]");
-    Worker::Job job{x.reshape({-1, x.size(-1)}).contiguous(), a, b, cols, outs, {}, 0};
+    loraserve::HelperThread& helper = loraserve::HelperThread::get();
+    TORCH_CHECK(!helper.busy(), "a multi-LoRA job is already running: finish it first");
+    DeltaJob& job = DeltaJob::current();
+    job.x = x.reshape({-1, x.size(-1)}).contiguous();
+    job.d_cols = 0;
     for (size_t g = 0; g < cols.size(); ++g) job.d_cols = std::max(job.d_cols, cols[g] + outs[g]);
     const int64_t num_slots = checked_slots(job.x, token_slots, a, b, job.d_cols, cols, outs);
-    if (a.empty()) return false;
+    if (a.empty()) {
+      job.x = at::Tensor();
+      return false;
+    }
+    job.a = a;
+    job.b = b;
+    job.cols = cols;
+    job.outs = outs;
     job.blocks = make_blocks(token_slots.data_ptr<int64_t>(), job.x.size(0), num_slots);
-    Worker::get().start(std::move(job));
+    job.delta.resize(job.x.size(0) * job.d_cols);
+    helper.post(static_cast<int64_t>(job.blocks.size() * a.size()), &DeltaJob::chunk, &job);
     return true;
   }
 
   void finish(const at::Tensor& y) const {
-    Worker& worker = Worker::get();
-    const float* delta = nullptr;
+    loraserve::HelperThread& helper = loraserve::HelperThread::get();
+    DeltaJob& job = DeltaJob::current();
+    TORCH_CHECK(helper.busy() && job.x.defined(), "finish without start");
+    bool ok;
     {
       pybind11::gil_scoped_release no_gil;
-      const Worker::Job& job = worker.wait(&delta);
+      helper.join();
       const at::Tensor y2 = y.view({-1, y.size(-1)});
-      const bool ok = y2.size(0) == job.x.size(0) && y2.size(1) >= job.d_cols && y2.stride(1) == 1 &&
-                      y2.scalar_type() == job.x.scalar_type() && y2.device().is_cpu();
-      if (ok) {
-        if (y2.scalar_type() == at::kBFloat16) {
-          add_deltas<at::BFloat16>(job, delta, y2.data_ptr<at::BFloat16>(), y2.stride(0));
-        } else {
-          add_deltas<float>(job, delta, y2.data_ptr<float>(), y2.stride(0));
-        }
+      ok = y2.size(0) == job.x.size(0) && y2.size(1) >= job.d_cols && y2.stride(1) == 1 &&
+           y2.scalar_type() == job.x.scalar_type() && y2.device().is_cpu();
+      if (ok && y2.scalar_type() == at::kBFloat16) {
+        add_deltas<at::BFloat16>(job, job.delta.data(), y2.data_ptr<at::BFloat16>(), y2.stride(0));
+      } else if (ok) {
+        add_deltas<float>(job, job.delta.data(), y2.data_ptr<float>(), y2.stride(0));
       }
-      worker.release();
-      TORCH_CHECK(ok, "finish: y must be a CPU [T, out] tensor with unit column stride, x's rows and dtype");
     }
+    job.x = at::Tensor();                              // drop the references now
+    job.a.clear();
+    job.b.clear();
+    TORCH_CHECK(ok, "finish: y must be a CPU [T, out] tensor with unit column stride, x's rows and dtype");
   }
 };
 
@@ -676,7 +597,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       .def(pybind11::init<std::vector<at::Tensor>, std::vector<at::Tensor>, std::vector<int64_t>, std::vector<int64_t>>(),
            "a, b, cols, outs as multi_lora_apply takes them")
       .def("apply", &Group::apply, "multi_lora_apply(x, token_slots, a, b, y, cols, outs) with the bound a, b, cols, outs")
-      .def("start", &Group::start, "begin x's deltas on the worker thread; False if no member has LoRA")
+      .def("start", &Group::start, "begin x's deltas on the helper thread; False if no member has LoRA")
       .def("finish", &Group::finish, "wait for the started deltas and add them into y (same bits as apply)");
   m.def("multi_lora_apply", &multi_lora_apply, "y[t] += B_s A_s x[t] for each row t's own slot s, in place");
   m.def("b_pairs", &b_pairs, "whether B tiles for tensors of this one's dtype hold pairs of rows");
