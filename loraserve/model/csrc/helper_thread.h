@@ -6,7 +6,10 @@
 // blocks split over two threads). Where the helper gets no core (one core, or a busy HTTP thread beside
 // it) the caller simply does every chunk itself, so the helper can cost a wake-up but never a wait for a
 // thread that is not running. Chunks must write disjoint memory; which thread runs one never changes
-// what it computes. One job at a time per process (each extension has its own helper).
+// what it computes. One job at a time per helper. Each extension that includes this has its own helper
+// (internal linkage below: an inline function's static would be one object shared by every extension
+// loaded, and the GEMM would find it busy with the multi-LoRA deltas instead of sharing its columns;
+// measured served on 2 cores: 8 mixed adapters 541 tok/s with one shared helper, 572-606 with two).
 #pragma once
 
 #include <sched.h>
@@ -19,6 +22,7 @@
 #include <thread>
 
 namespace loraserve {
+namespace {   // internal linkage: one helper per extension (see above)
 
 inline void cpu_relax() {
 #if defined(__x86_64__) || defined(__i386__)
@@ -99,4 +103,5 @@ class HelperThread {
   std::thread thread_;
 };
 
+}  // namespace
 }  // namespace loraserve
