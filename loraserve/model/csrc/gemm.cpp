@@ -157,18 +157,8 @@ struct Gemm {
 // thread (helper_thread.h) shares the columns: CHUNKS runs of column blocks, each read front to back, so
 // the next-block prefetch inside a run stays useful. Which thread computes a column changes none of its
 // bits. Served on 2 cores it took base SmolLM2 from ~585 to ~735 tok/s (bench/README.md).
-constexpr int64_t CHUNKS = 4;
+constexpr int64_t CHUNKS = 4;      // 8 was no better served (bench/README.md)
 std::atomic<bool> helper_enabled{false};
-
-struct Chunks {
-  const Gemm* gemm;
-  int64_t blocks;
-  static void run(void* ctx, int64_t c) {
-    const auto* self = static_cast<const Chunks*>(ctx);
-    const int64_t per = (self->blocks + CHUNKS - 1) / CHUNKS;
-    self->gemm->blocks(c * per, std::min(self->blocks, (c + 1) * per));
-  }
-};
 
 torch::Tensor linear(const torch::Tensor& x_in, const torch::Tensor& packed, int64_t out_features,
                      const c10::optional<torch::Tensor>& bias_in) {
@@ -196,13 +186,9 @@ torch::Tensor linear(const torch::Tensor& x_in, const torch::Tensor& packed, int
   const int64_t blocks = (NT + TILES - 1) / TILES;
   const Gemm gemm{xp, M, K, wp, KP, NT, bp, yp, N};
   // Threads split the columns only: each element is still summed by one lane, in one order.
-  loraserve::HelperThread* helper = helper_enabled.load(std::memory_order_relaxed) && at::get_num_threads() == 1 &&
-                                            blocks >= CHUNKS
-                                        ? &loraserve::HelperThread::get() : nullptr;
-  if (helper != nullptr && !helper->busy()) {
-    Chunks chunks{&gemm, blocks};
-    helper->post(CHUNKS, &Chunks::run, &chunks);
-    helper->join();
+  if (helper_enabled.load(std::memory_order_relaxed) && at::get_num_threads() == 1 && blocks >= CHUNKS &&
+      !loraserve::HelperThread::get().busy()) {
+    loraserve::split_runs(blocks, CHUNKS, [&](int64_t b0, int64_t b1) { gemm.blocks(b0, b1); });
     return y;
   }
   at::parallel_for(0, blocks, 1, [&](int64_t b0, int64_t b1) { gemm.blocks(b0, b1); });

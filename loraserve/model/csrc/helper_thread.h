@@ -14,6 +14,7 @@
 
 #include <sched.h>
 
+#include <algorithm>
 #include <atomic>
 #include <chrono>
 #include <condition_variable>
@@ -102,6 +103,23 @@ class HelperThread {
   std::condition_variable wake_;
   std::thread thread_;
 };
+
+// body(begin, end) over [0, n) in `runs` contiguous runs (each read front to back, so a kernel's own
+// prefetch of what comes next in its run stays useful), shared by the caller and the helper.
+template <typename F>
+void split_runs(int64_t n, int64_t runs, const F& body) {
+  struct Ctx {
+    const F* body;
+    int64_t n, per;
+  };
+  Ctx ctx{&body, n, (n + runs - 1) / runs};
+  HelperThread& helper = HelperThread::get();
+  helper.post((n + ctx.per - 1) / ctx.per, [](void* c, int64_t k) {
+    const auto* x = static_cast<const Ctx*>(c);
+    (*x->body)(k * x->per, std::min(x->n, (k + 1) * x->per));
+  }, &ctx);
+  helper.join();
+}
 
 }  // namespace
 }  // namespace loraserve
