@@ -60,13 +60,13 @@ def run(engine: LLMEngine, reqs: list[tuple[list[int], str | None]]) -> dict[str
 
 
 def kernel_and_cores() -> bool:
-    """Whether engines here use the C++ multi-LoRA kernel, and with one engine thread its worker."""
+    """Whether engines here use the C++ multi-LoRA kernel, and with one engine thread its helper thread."""
     return bool(shutil.which("c++") or shutil.which("g++")) and TEST_DEVICE.type == "cpu"
 
 
 @pytest.mark.parametrize("max_loras, threads", [(4, None), (2, None), (4, 1)])   # 2 slots for 3 adapters:
 def test_mixed_adapters_match_peft(adapters, max_loras, threads):                 # requests wait for a slot
-    """threads=1: one engine thread, so the deltas run on the kernel's worker beside each base GEMM."""
+    """threads=1: one engine thread, so the deltas run on the kernel's helper thread beside each base GEMM."""
     engine = lora_engine(adapters, max_loras=max_loras, num_threads=threads)
     beside = threads == 1 and kernel_and_cores() and len(os.sched_getaffinity(0)) >= 2
     assert all(g.deltas_beside == beside for g in engine.lora.groups)
@@ -95,7 +95,7 @@ def test_mixed_adapters_match_peft(adapters, max_loras, threads):               
 @pytest.mark.parametrize("dtype, threads", [(torch.float32, None), (torch.bfloat16, None), (torch.bfloat16, 1)])
 def test_base_and_adapter_outputs_do_not_depend_on_batch_neighbours(adapters, dtype, threads):
     """Through the C++ multi-LoRA kernel where it builds (bf16 takes its vdpbf16ps path on CPUs with it);
-    threads=1: its deltas on the worker thread, beside the base GEMMs."""
+    threads=1: its deltas on the helper thread, beside the base GEMMs."""
     p = prompts(4, seed=5)
     alone = run(lora_engine({}, dtype=dtype), [(p[0], None)])["r0"]
     mixed = lora_engine(adapters, dtype=dtype, num_threads=threads)

@@ -46,7 +46,7 @@ def assert_parity(base: torch.nn.Module, paths: list[Path], plan: list[int], seq
 
 class CountingKernel:
     """The real kernel, counting its calls: proves the adapter rows went through it. `deltas_beside`: the
-    groups run the deltas on the kernel's worker thread (start / finish) instead of apply."""
+    groups run the deltas on the kernel's helper thread (start / finish) instead of apply."""
 
     def __init__(self, kernel, deltas_beside: bool = False) -> None:
         self.kernel, self.calls, self.deltas_beside = kernel, 0, deltas_beside

@@ -191,9 +191,10 @@ def test_group_takes_the_models_leading_dims(kernel, dtype):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_started_deltas_finish_with_the_bits_of_apply(kernel, dtype):
-    """Group.start runs the deltas on the worker thread while the caller computes y; finish adds them with
+    """Group.start runs the deltas on the helper thread while the caller computes y; finish adds them with
     the same one rounding apply uses: the same bits, base rows untouched. Many calls in a row reuse one
-    worker; a finish with a wrong y is refused and leaves the worker free for the next call."""
+    helper; a second start before finish, a start with bad slots and a finish with a wrong y are refused,
+    and each leaves the helper free for the next call."""
     torch.manual_seed(5)
     mems = members(72, [(16, 48), (5, 40), (3, 20)], slots=3, dtype=dtype, seed=6)
     cols = [0, 48, 90]                                  # a gap of two columns no member owns
@@ -211,8 +212,12 @@ def test_started_deltas_finish_with_the_bits_of_apply(kernel, dtype):
         group.finish(got)
         assert torch.equal(got.view(bits), want.view(bits)), f"{n} rows"
     assert group.start(x, token_slots)
+    with pytest.raises(RuntimeError, match="a multi-LoRA job is already running: finish it first"):
+        group.start(x, token_slots)
     with pytest.raises(RuntimeError, match="finish: y must be"):
         group.finish(y[:, :1])
+    with pytest.raises(RuntimeError, match="has slot 3 of 3"):
+        group.start(x, torch.full_like(token_slots, 3))
     assert not kernel.Group([], [], [], []).start(x, token_slots)    # no member has LoRA: nothing started
     assert group.start(x, token_slots)
     group.finish(y.clone())

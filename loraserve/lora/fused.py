@@ -183,19 +183,15 @@ class ProjectionGroup(SiblingGroup):
             # The batch's token slots as they are: no per-step tensors derived from them here (small
             # allocations made mid-forward fragment the heap the large activations come from).
             lora = get_context().lora
-            if self.kernel_group is None or lora is None or not lora.any_lora:
-                y = self.packed_w.linear(x, self.w_cat, self.b_cat)
-            elif self.deltas_beside:
-                # The helper thread computes each row's own delta (reading the adapters) while this thread runs
-                # the base GEMM (arithmetic); finish adds them with apply's one rounding: the same bits.
-                started = self.kernel_group.start(x, lora.token_slots)
-                y = self.packed_w.linear(x, self.w_cat, self.b_cat)
-                if started:
-                    self.kernel_group.finish(y)
-            else:
-                y = self.packed_w.linear(x, self.w_cat, self.b_cat)
-                # y += each row's own delta, in place; base rows are not touched.
-                self.kernel_group.apply(x, lora.token_slots, y)
+            group = self.kernel_group if lora is not None and lora.any_lora else None
+            # Beside: the helper thread computes each row's own delta (reading the adapters) while this
+            # thread runs the base GEMM (arithmetic); finish adds them with apply's one rounding: the same bits.
+            started = group is not None and self.deltas_beside and group.start(x, lora.token_slots)
+            y = self.packed_w.linear(x, self.w_cat, self.b_cat)
+            if started:
+                group.finish(y)
+            elif group is not None and not self.deltas_beside:
+                group.apply(x, lora.token_slots, y)      # y += each row's own delta, in place; base rows untouched
             return list(y.split(self.outs, dim=-1))    # column views, as FusedLinearGroup returns
         x2 = x.reshape(-1, self.members[0].in_features)
         shape = x.shape[:-1]

@@ -187,10 +187,8 @@ torch::Tensor linear(const torch::Tensor& x_in, const torch::Tensor& packed, int
   const Gemm gemm{xp, M, K, wp, KP, NT, bp, yp, N};
   // Threads split the columns only: each element is still summed by one lane, in one order.
   if (helper_enabled.load(std::memory_order_relaxed) && at::get_num_threads() == 1 && blocks >= CHUNKS &&
-      !loraserve::HelperThread::get().busy()) {
-    loraserve::split_runs(blocks, CHUNKS, [&](int64_t b0, int64_t b1) { gemm.blocks(b0, b1); });
+      loraserve::split_runs(blocks, CHUNKS, [&](int64_t b0, int64_t b1) { gemm.blocks(b0, b1); }))
     return y;
-  }
   at::parallel_for(0, blocks, 1, [&](int64_t b0, int64_t b1) { gemm.blocks(b0, b1); });
   return y;
 }

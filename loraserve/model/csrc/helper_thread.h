@@ -1,6 +1,7 @@
 // A second thread that shares a loop's chunks with the thread that posts it (model/csrc kernels).
 //
-// post(n, fn, ctx) hands the helper chunks 0..n-1 of fn; join() then takes whatever chunks the helper has
+// claim() reserves the helper (false: another thread holds it; run the work without it); post(n, fn, ctx)
+// then hands it chunks 0..n-1 of fn; join() takes whatever chunks the helper has
 // not reached, waits for the one it is on, and returns. Between the two the caller may do other work (the
 // multi-LoRA deltas run beside the base GEMM that way), or nothing (run = post + join: the GEMM's column
 // blocks split over two threads). Where the helper gets no core (one core, or a busy HTTP thread beside
@@ -40,6 +41,13 @@ class HelperThread {
     return *helper;
   }
 
+  // Reserve the helper for one job (post, then join); false while another job holds it.
+  bool claim() {
+    int idle = kIdle;
+    return state_.compare_exchange_strong(idle, kClaimed, std::memory_order_acq_rel);
+  }
+
+  // After claim(): hand the helper the job.
   void post(int64_t n, Fn fn, void* ctx) {
     fn_ = fn;
     ctx_ = ctx;
@@ -60,12 +68,13 @@ class HelperThread {
     state_.store(kIdle, std::memory_order_release);
   }
 
-  bool busy() const { return state_.load(std::memory_order_acquire) != kIdle; }
+  // Give back a claim that posted nothing.
+  void release() { state_.store(kIdle, std::memory_order_release); }
 
  private:
-  // kPosted: a job waits; kRunning: the helper is on it; kDone: the helper is off it; kTaken: the caller
-  // did it all before the helper woke.
-  static constexpr int kIdle = 0, kPosted = 1, kRunning = 2, kDone = 3, kTaken = 4;
+  // kClaimed: a caller holds it and is filling in a job; kPosted: a job waits; kRunning: the helper is on
+  // it; kDone: the helper is off it; kTaken: the caller did it all before the helper woke.
+  static constexpr int kIdle = 0, kPosted = 1, kRunning = 2, kDone = 3, kTaken = 4, kClaimed = 5;
   static constexpr int kPollUs = 2000;
 
   HelperThread() : thread_([this] { loop(); }) { thread_.detach(); }
@@ -105,20 +114,23 @@ class HelperThread {
 };
 
 // body(begin, end) over [0, n) in `runs` contiguous runs (each read front to back, so a kernel's own
-// prefetch of what comes next in its run stays useful), shared by the caller and the helper.
+// prefetch of what comes next in its run stays useful), shared by the caller and the helper. False (and
+// nothing run) where another thread holds the helper.
 template <typename F>
-void split_runs(int64_t n, int64_t runs, const F& body) {
+bool split_runs(int64_t n, int64_t runs, const F& body) {
   struct Ctx {
     const F* body;
     int64_t n, per;
   };
   Ctx ctx{&body, n, (n + runs - 1) / runs};
   HelperThread& helper = HelperThread::get();
+  if (!helper.claim()) return false;
   helper.post((n + ctx.per - 1) / ctx.per, [](void* c, int64_t k) {
     const auto* x = static_cast<const Ctx*>(c);
     (*x->body)(k * x->per, std::min(x->n, (k + 1) * x->per));
   }, &ctx);
   helper.join();
+  return true;
 }
 
 }  // namespace

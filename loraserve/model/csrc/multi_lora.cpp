@@ -329,6 +329,21 @@ const std::vector<Block>& make_blocks(const int64_t* slots, int64_t n_rows, int6
   return blocks;
 }
 
+// Member (a, bt)'s delta for one block of rows, the inputs as they are (xr: the bf16 dot product) or widened
+// to float32 (xs), into the sink. Shared by the in-place apply and the deferred chunks.
+template <typename T>
+void member_block(const Block& blk, const T* const* xr, const float* const* xs, int64_t in, const at::Tensor& a,
+                  const at::Tensor& bt, int64_t out, const Sink<T>& sink, float* h) {
+  const int64_t r = a.size(1);
+  const T* ag = a.data_ptr<T>() + blk.slot * r * in;
+  const T* bg = bt.data_ptr<T>() + blk.slot * bt.stride(0);
+  if constexpr (kBf16Dot && std::is_same_v<T, at::BFloat16>) {
+    block_delta_any<T, T>(blk.nb, xr, in, ag, bg, r, out, sink, h);
+  } else {
+    block_delta_any<T, float>(blk.nb, xs, in, ag, bg, r, out, sink, h);
+  }
+}
+
 // The deltas of `blocks` added into y (yp, row stride y_stride), the blocks split over torch's threads.
 template <typename T>
 void apply_blocks(const at::Tensor& x, const std::vector<Block>& blocks, const std::vector<at::Tensor>& a,
@@ -359,22 +374,14 @@ void apply_blocks(const at::Tensor& x, const std::vector<Block>& blocks, const s
     // Member by member, then slot by slot: each member's A and B stacks are read front to back, one
     // stream the hardware prefetcher follows (the order cannot change any row's result).
     for (size_t g = 0; g < a.size(); ++g) {
-      const int64_t r = a[g].size(1), out = outs[g];
       for (int64_t b = begin; b < end; ++b) {
         const Block& blk = blocks[b];
-        const int nb = blk.nb;
-        const T* ag = a[g].data_ptr<T>() + blk.slot * r * in;
-        const T* bg = bt[g].data_ptr<T>() + blk.slot * bt[g].stride(0);
-        for (int n = 0; n < nb; ++n) {
+        for (int n = 0; n < blk.nb; ++n) {
           xr[n] = xp + blk.rows[n] * in;
           xs[n] = xf.data() + ((b - begin) * 8 + n) * in_pad;
           ys[n] = yp + blk.rows[n] * y_stride + cols[g];
         }
-        if constexpr (bf16_dot) {
-          block_delta_any<T, T>(nb, xr, in, ag, bg, r, out, sink, h.data());
-        } else {
-          block_delta_any<T, float>(nb, xs, in, ag, bg, r, out, sink, h.data());
-        }
+        member_block(blk, xr, xs, in, a[g], bt[g], outs[g], sink, h.data());
       }
     }
   };
@@ -386,11 +393,11 @@ void apply_blocks(const at::Tensor& x, const std::vector<Block>& blocks, const s
 template <typename T>
 void block_chunk(const at::Tensor& x, const Block& blk, const at::Tensor& a, const at::Tensor& bt, int64_t col,
                  int64_t out, float* dp, int64_t d_stride) {
-  const int64_t in = x.size(1), in_pad = (in + W - 1) / W * W, r = a.size(1);
+  const int64_t in = x.size(1), in_pad = (in + W - 1) / W * W;
   constexpr bool bf16_dot = kBf16Dot && std::is_same_v<T, at::BFloat16>;
   static thread_local std::vector<float> xf, h;          // reused: see make_blocks
   xf.resize(bf16_dot ? 0 : 8 * in_pad);
-  h.resize(8 * std::max<int64_t>(r, 1));
+  h.resize(8 * std::max<int64_t>(a.size(1), 1));
   const T* xp = x.data_ptr<T>();
   const float* xs[8];
   const T* xr[8];
@@ -404,14 +411,7 @@ void block_chunk(const at::Tensor& x, const Block& blk, const at::Tensor& a, con
       for (int64_t k = 0; k < in; ++k) xf[n * in_pad + k] = static_cast<float>(xr[n][k]);
     }
   }
-  const Sink<T> sink{nullptr, ds};
-  const T* ag = a.data_ptr<T>() + blk.slot * r * in;
-  const T* bg = bt.data_ptr<T>() + blk.slot * bt.stride(0);
-  if constexpr (bf16_dot) {
-    block_delta_any<T, T>(blk.nb, xr, in, ag, bg, r, out, sink, h.data());
-  } else {
-    block_delta_any<T, float>(blk.nb, xs, in, ag, bg, r, out, sink, h.data());
-  }
+  member_block(blk, xr, xs, in, a, bt, out, Sink<T>{nullptr, ds}, h.data());
 }
 
 // Whether B tiles for tensors of this dtype hold pairs of rows (bf16 on CPUs with AVX512-BF16).
@@ -422,11 +422,20 @@ bool b_pairs(const at::Tensor& like) { return b_pairs_for(like.scalar_type()); }
 // (or [L, ceil(out_g / 16), ceil(r_g / 2), 16, 2] where b_pairs): the scaled B^T in tiles of 16 output
 // columns, zero-padded, so the up-projection reads one contiguous stream; y [T, >= cols[g] + outs[g]]
 // is updated in place, member g at column cols[g].
-// The checks shared by the in-place apply and the deferred start: returns the slots every member has.
+void check_x(const at::Tensor& x) {
+  TORCH_CHECK(x.dim() == 2 && x.is_contiguous() && x.device().is_cpu(), "x must be a contiguous CPU [T, in] tensor");
+}
+
+void check_y(const at::Tensor& x, const at::Tensor& y) {
+  TORCH_CHECK(y.dim() == 2 && y.size(0) == x.size(0) && y.stride(1) == 1 && y.scalar_type() == x.scalar_type() &&
+              y.device().is_cpu(), "y must be a CPU [T, out] tensor with unit column stride and x's dtype");
+}
+
+// The rest of the checks shared by the in-place apply and the deferred start (x checked already): returns
+// the slots every member has.
 int64_t checked_slots(const at::Tensor& x, const at::Tensor& token_slots, const std::vector<at::Tensor>& a,
                       const std::vector<at::Tensor>& b, int64_t y_cols, const std::vector<int64_t>& cols,
                       const std::vector<int64_t>& outs) {
-  TORCH_CHECK(x.dim() == 2 && x.is_contiguous() && x.device().is_cpu(), "x must be a contiguous CPU [T, in] tensor");
   TORCH_CHECK(token_slots.dim() == 1 && token_slots.size(0) == x.size(0) && token_slots.is_contiguous() &&
               token_slots.scalar_type() == at::kLong && token_slots.device().is_cpu(),
               "token_slots must be a contiguous int64 CPU [T] tensor");
@@ -454,11 +463,6 @@ int64_t checked_slots(const at::Tensor& x, const at::Tensor& token_slots, const 
   return num_slots;
 }
 
-void check_y(const at::Tensor& x, const at::Tensor& y) {
-  TORCH_CHECK(y.dim() == 2 && y.size(0) == x.size(0) && y.stride(1) == 1 && y.scalar_type() == x.scalar_type() &&
-              y.device().is_cpu(), "y must be a CPU [T, out] tensor with unit column stride and x's dtype");
-}
-
 // x [T, in]; token_slots [T] int64 (-1: base row); a[g] [L, r_g, in]; b[g] [L, ceil(out_g / 16), r_g, 16]
 // (or [L, ceil(out_g / 16), ceil(r_g / 2), 16, 2] where b_pairs): the scaled B^T in tiles of 16 output
 // columns, zero-padded, so the up-projection reads one contiguous stream; y [T, >= cols[g] + outs[g]]
@@ -466,7 +470,7 @@ void check_y(const at::Tensor& x, const at::Tensor& y) {
 void multi_lora_apply(const at::Tensor& x, const at::Tensor& token_slots, const std::vector<at::Tensor>& a,
                       const std::vector<at::Tensor>& b, at::Tensor y, const std::vector<int64_t>& cols,
                       const std::vector<int64_t>& outs) {
-  TORCH_CHECK(x.dim() == 2 && x.is_contiguous() && x.device().is_cpu(), "x must be a contiguous CPU [T, in] tensor");
+  check_x(x);
   check_y(x, y);
   const int64_t num_slots = checked_slots(x, token_slots, a, b, y.size(1), cols, outs);
   if (a.empty()) return;                 // no member has LoRA: nothing to add
@@ -499,10 +503,10 @@ struct DeltaJob {
   }
 
   static void chunk(void* ctx, int64_t i) {
-    const DeltaJob& j = *static_cast<const DeltaJob*>(ctx);
+    DeltaJob& j = *static_cast<DeltaJob*>(ctx);
     const auto nb = static_cast<int64_t>(j.blocks.size());
     const size_t g = static_cast<size_t>(i / nb);
-    float* d = const_cast<float*>(j.delta.data());
+    float* d = j.delta.data();
     if (j.x.scalar_type() == at::kBFloat16) {
       block_chunk<at::BFloat16>(j.x, j.blocks[i % nb], j.a[g], j.b[g], j.cols[g], j.outs[g], d, j.d_cols);
     } else {
@@ -545,31 +549,31 @@ struct Group {
   // when no member has LoRA.
   bool start(const at::Tensor& x, const at::Tensor& token_slots) const {
     TORCH_CHECK(x.dim() >= 2, "x must be [..., in]");
-    loraserve::HelperThread& helper = loraserve::HelperThread::get();
-    TORCH_CHECK(!helper.busy(), "a multi-LoRA job is already running: finish it first");
+    const at::Tensor x2 = x.reshape({-1, x.size(-1)}).contiguous();
+    int64_t d_cols = 0;
+    for (size_t g = 0; g < cols.size(); ++g) d_cols = std::max(d_cols, cols[g] + outs[g]);
+    check_x(x2);
+    const int64_t num_slots = checked_slots(x2, token_slots, a, b, d_cols, cols, outs);
+    if (a.empty()) return false;
+    // Claimed only now: a refused call above leaves the helper free.
+    TORCH_CHECK(loraserve::HelperThread::get().claim(), "a multi-LoRA job is already running: finish it first");
     DeltaJob& job = DeltaJob::current();
-    job.x = x.reshape({-1, x.size(-1)}).contiguous();
-    job.d_cols = 0;
-    for (size_t g = 0; g < cols.size(); ++g) job.d_cols = std::max(job.d_cols, cols[g] + outs[g]);
-    const int64_t num_slots = checked_slots(job.x, token_slots, a, b, job.d_cols, cols, outs);
-    if (a.empty()) {
-      job.x = at::Tensor();
-      return false;
-    }
+    job.x = x2;
+    job.d_cols = d_cols;
     job.a = a;
     job.b = b;
     job.cols = cols;
     job.outs = outs;
     job.blocks = make_blocks(token_slots.data_ptr<int64_t>(), job.x.size(0), num_slots);
     job.delta.resize(job.x.size(0) * job.d_cols);
-    helper.post(static_cast<int64_t>(job.blocks.size() * a.size()), &DeltaJob::chunk, &job);
+    loraserve::HelperThread::get().post(static_cast<int64_t>(job.blocks.size() * a.size()), &DeltaJob::chunk, &job);
     return true;
   }
 
   void finish(const at::Tensor& y) const {
     loraserve::HelperThread& helper = loraserve::HelperThread::get();
     DeltaJob& job = DeltaJob::current();
-    TORCH_CHECK(helper.busy() && job.x.defined(), "finish without start");
+    TORCH_CHECK(job.x.defined(), "finish without start");
     bool ok;
     {
       pybind11::gil_scoped_release no_gil;
