@@ -221,3 +221,7 @@ def test_started_deltas_finish_with_the_bits_of_apply(kernel, dtype):
     assert not kernel.Group([], [], [], []).start(x, token_slots)    # no member has LoRA: nothing started
     assert group.start(x, token_slots)
     group.finish(y.clone())
+    with pytest.raises(RuntimeError, match="finish without start"):
+        group.finish(y.clone())
+    with pytest.raises(RuntimeError, match=r"x must be \[\.\.\., in\]"):
+        group.start(x[0, 0], token_slots)
