@@ -1,6 +1,7 @@
-"""The C++ decode-attention kernel (model/csrc/paged_attention.cpp) against a float64 reference written
+"""The C++ paged-attention kernel (model/csrc/paged_attention.cpp) against a float64 reference written
 here: GQA, head sizes with and without a compiled fast path, sliding windows, soft-capping, ragged
-lengths over scattered blocks; and each sequence's output does not depend on what else is in the batch.
+lengths over scattered blocks, prompt rows beside decodes; each query's output does not depend on what
+else is in the batch, nor on which thread computed it.
 The engine-level parity tests (test_engine_parity.py) run through it too."""
 
 import pytest
@@ -80,6 +81,38 @@ def test_a_sequence_gets_the_same_bits_whatever_shares_its_batch(kernel, dtype):
         alone = kernel.paged_decode_attention(q[i:i + 1].contiguous(), k, v, tables[i:i + 1].contiguous(),
                                               lens[i:i + 1].contiguous(), BS, 0.125, 0.0, 0)
         assert torch.equal(alone[0], together[i])
+
+
+def test_prompt_rows_attend_over_their_own_prefix(kernel):
+    """The engine passes a prompt chunk's tokens as rows of their own: the sequence's table, each token's
+    position + 1 as its length (model_runner.py). Mixed with decode rows, each equals the reference."""
+    g = torch.Generator().manual_seed(9)
+    k = torch.randn(3, 64 * BS, 32, generator=g)
+    v = torch.randn(3, 64 * BS, 32, generator=g)
+    chunk, other = torch.randperm(64, generator=g)[:6], torch.randperm(64, generator=g)[:6]
+    positions = torch.arange(5, 17)                                 # a chunk of 12 prompt tokens, 5 already cached
+    tables = torch.cat([chunk.expand(12, -1), other[None], other[None]])
+    lens = torch.cat([positions + 1, torch.tensor([20, 9])])        # and two decodes
+    q = torch.randn(14, 6, 32, generator=g)
+    got = kernel.paged_decode_attention(q, k, v, tables, lens, BS, 0.2, 0.0, 0)
+    assert (got.double() - reference(q, k, v, tables, lens, 0.2, 0.0, 0)).abs().max() < 1e-5
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_the_helper_thread_shares_pairs_and_changes_no_bit(kernel, dtype):
+    """With one torch thread and the helper on (the engine's serving default on 2+ cores), the helper thread
+    takes runs of (query, head) pairs: every element equals the one-thread result, whichever thread ran it."""
+    q, k, v, tables, lens = case(4, 16, 9, 3, 64, dtype, max_len=70)
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        alone = kernel.paged_decode_attention(q, k, v, tables, lens, BS, 0.125, 0.0, 0)
+        kernel.set_helper(True)
+        shared = [kernel.paged_decode_attention(q, k, v, tables, lens, BS, 0.125, 0.0, 0) for _ in range(20)]
+    finally:
+        kernel.set_helper(False)
+        torch.set_num_threads(before)
+    assert all(torch.equal(s, alone) for s in shared)
 
 
 def test_bad_inputs_are_refused_not_read_out_of_bounds(kernel):

@@ -225,3 +225,51 @@ def test_started_deltas_finish_with_the_bits_of_apply(kernel, dtype):
         group.finish(y.clone())
     with pytest.raises(RuntimeError, match=r"x must be \[\.\.\., in\]"):
         group.start(x[0, 0], token_slots)
+
+
+def test_one_helper_runs_the_deltas_and_the_gemm_beside_them(kernel):
+    """The engine makes every kernel extension use one helper thread (kernels.share_helper_thread). In a
+    mixed step the deltas are posted first, then the base GEMM posts its column runs to the same helper,
+    which works through the deltas and then joins the GEMM: both results keep their one-thread bits."""
+    gemm = kernels.gemm()
+    if gemm is None:
+        pytest.skip("no AVX512-BF16 GEMM on this CPU: the base GEMM is oneDNN's, with no helper")
+    kernels.share_helper_thread([kernels.paged_attention(), gemm, kernel])
+    with pytest.raises(RuntimeError, match="expected the capsule from helper_capsule"):
+        gemm.use_helper(_capsule_named("not.a.helper"))
+    torch.manual_seed(7)
+    mems = members(576, [(16, 576), (16, 192)], slots=4, dtype=torch.bfloat16, seed=8)
+    group = kernel.Group([a for a, _ in mems], [column_tiles(b, kernel.b_pairs(b)) for _, b in mems], [0, 576],
+                         [576, 192])
+    w = torch.randn(768, 576).bfloat16()
+    packed = gemm.pack(w)
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        for n in (1, 16, 40):
+            token_slots = torch.randint(-1, 4, (n,))
+            x = torch.randn(n, 576).bfloat16()
+            base_alone = gemm.linear(x, packed, 768)
+            want = base_alone.clone()
+            group.apply(x, token_slots, want)
+            gemm.set_helper(True)
+            for _ in range(10):
+                assert group.start(x, token_slots)
+                y = gemm.linear(x, packed, 768)          # posts its runs behind the deltas
+                assert torch.equal(y.view(torch.int16), base_alone.view(torch.int16))
+                group.finish(y)
+                assert torch.equal(y.view(torch.int16), want.view(torch.int16)), f"{n} rows"
+            gemm.set_helper(False)
+    finally:
+        gemm.set_helper(False)
+        torch.set_num_threads(before)
+
+
+def _capsule_named(name: str) -> object:
+    """A PyCapsule of another name than the helper's (ctypes: the Python C API's PyCapsule_New)."""
+    import ctypes
+    new = ctypes.pythonapi.PyCapsule_New
+    new.restype, new.argtypes = ctypes.py_object, [ctypes.c_void_p, ctypes.c_char_p, ctypes.c_void_p]
+    keep = ctypes.create_string_buffer(name.encode())      # the capsule keeps a pointer to its name
+    _capsule_named.names = getattr(_capsule_named, "names", []) + [keep]
+    return new(ctypes.addressof(keep), keep, None)

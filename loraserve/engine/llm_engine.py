@@ -74,6 +74,7 @@ class LLMEngine:
         self.max_model_len = self._max_model_len(config)
         self.eos_ids = eos_token_ids(model, tokenizer)
 
+        gemm = None
         if config.prepack_weights:
             gemm = kernels.gemm() if self._cpu_kernels() and self.dtype == torch.bfloat16 else None
             if gemm is not None:
@@ -87,11 +88,15 @@ class LLMEngine:
             config.kv_cache_memory_gb * 2**30 // (KVCache.bytes_per_token(specs, self.dtype) * config.block_size))
         self.kv_cache = KVCache(specs, num_blocks, config.block_size, self.dtype, self.device)
         self.blocks = BlockManager(num_blocks, config.block_size)
-        self.runner = ModelRunner(self.model, self.kv_cache, self.device,
-                                  kernels.paged_attention() if self._cpu_kernels() else None,
+        attention_kernel = kernels.paged_attention() if self._cpu_kernels() else None
+        if attention_kernel is not None:
+            attention_kernel.set_helper(self._helper_thread())
+        self.runner = ModelRunner(self.model, self.kv_cache, self.device, attention_kernel,
                                   self._lean_decoder(config))   # LoRA may wrap its modules later: looked up per call
         self.sampler = Sampler(config.seed, kernels.layer_ops() if self._cpu_kernels() else None)
         self.lora = self._load_adapters(config) if config.lora.enable_lora else None
+        if self._helper_thread():   # one helper for every kernel: they run one after another on this thread
+            kernels.share_helper_thread([attention_kernel, gemm, kernels.multi_lora() if self.lora is not None else None])
         self.scheduler = Scheduler(self.blocks, config.max_num_seqs,
                                    max(config.max_num_batched_tokens, config.max_num_seqs),
                                    self._acquire_lora, self._release_lora)

@@ -33,7 +33,7 @@ class ModelRunner:
         return np.asarray(seq.block_table[:-(-end // self.block_size)], dtype=np.int64)
 
     def prepare(self, batch: ScheduledBatch) -> tuple[dict, ForwardContext, list[Sequence]]:
-        ids, pos, slot_mapping, token_slots, keep = [], [], [], [], []
+        ids, pos, slot_mapping, token_slots, keep, seq_blocks = [], [], [], [], [], []
         decode_rows, decode_blocks, decode_ends = [], [], []
         groups: list[AttentionGroup] = []
         offset = 0
@@ -42,6 +42,7 @@ class ModelRunner:
             start, end = seq.num_computed_tokens, seq.num_computed_tokens + n
             ids.extend(seq.token_ids[start:end])
             blocks = self._blocks(seq, end)
+            seq_blocks.append(blocks)
             positions = np.arange(start, end)
             pos.append(positions)
             slot_mapping.append(blocks[positions // self.block_size] * self.block_size + positions % self.block_size)
@@ -59,16 +60,31 @@ class ModelRunner:
         if decode_rows:
             groups.append(self._decode_group(decode_rows, decode_blocks, decode_ends))
         dev = self.device
+        all_positions = np.concatenate(pos)
         inputs = {
             "input_ids": torch.tensor(ids, device=dev)[None],
-            "position_ids": torch.from_numpy(np.concatenate(pos)).to(dev)[None],
+            "position_ids": torch.from_numpy(all_positions).to(dev)[None],
             "logits_to_keep": torch.tensor(keep, dtype=torch.long, device=dev),
         }
         md = AttentionMetadata(self.kv_cache, torch.from_numpy(np.concatenate(slot_mapping)).to(dev), groups,
                                self.decode_kernel)
+        if self.decode_kernel is not None:
+            md.query_tables = torch.from_numpy(self._query_tables(batch, seq_blocks, len(all_positions)))
+            md.query_lens = torch.from_numpy(all_positions + 1)
         slots = torch.from_numpy(np.concatenate(token_slots)).to(dev)
         lora = LoRABatch.from_token_slots(slots)
         return inputs, ForwardContext(attn=md, lora=lora if lora.any_lora else None), sampling
+
+    @staticmethod
+    def _query_tables(batch: ScheduledBatch, seq_blocks: list[np.ndarray], num_tokens: int) -> np.ndarray:
+        """[T, nb]: each token's row is its sequence's block table (zero-padded; the kernel reads only the
+        blocks of its context)."""
+        tables = np.zeros((num_tokens, max(len(b) for b in seq_blocks)), dtype=np.int64)
+        offset = 0
+        for (_, n), blocks in zip(batch, seq_blocks):
+            tables[offset:offset + n, :len(blocks)] = blocks
+            offset += n
+        return tables
 
     def _key_positions(self, num_blocks: int, end: int) -> np.ndarray:
         """Positions of the keys in `num_blocks` gathered blocks: PAD_POS past the context's end, so
@@ -101,7 +117,6 @@ class ModelRunner:
             q_pos=torch.tensor([e - 1 for e in ends], device=dev)[:, None],
             kv_blocks=torch.from_numpy(kv_blocks).to(dev),
             kv_pos=torch.from_numpy(kv_pos).to(dev),
-            seq_lens=torch.tensor(ends, device=dev),
         )
 
     @torch.inference_mode()

@@ -7,9 +7,12 @@ cached context. The whole batch is one packed "sequence" of T tokens ([1, T] inp
 model's own mask building is switched off (our mask function returns None) and the per-sequence
 structure comes from AttentionMetadata, built once per step by the runner.
 
-On CPU the decode group (one query token per sequence) goes to a C++ kernel that reads K/V in place
-from the cache's blocks (csrc/paged_attention.cpp, built by kernels.py); prompt chunks, other devices
-and machines without a compiler use the PyTorch path below: gather the blocks, then batched matmuls."""
+On CPU every query token of the step, decodes and prompt chunks alike, goes to one C++ kernel call per
+layer that reads K/V in place from the cache's blocks (csrc/paged_attention.cpp, built by kernels.py):
+each token attends over its own context, given by its sequence's block table and its own position. Other
+devices and machines without a compiler use the PyTorch path below, group by group: gather the blocks,
+then batched matmuls. (Prompt chunks went that way on CPU too until session 9: a 512-token prefill step of
+SmolLM2 spent 36 of its 166 ms in it; 23 ms through the kernel with the helper thread.)"""
 
 from dataclasses import dataclass, field
 
@@ -31,7 +34,6 @@ class AttentionGroup:
     kv_blocks: torch.Tensor   # [B, nb] KV blocks of each sequence's context (padding: block 0)
     kv_pos: torch.Tensor      # [B, nb * block_size] position of each key; padding has a huge position
     span: slice | None = None  # the same rows as a slice, when they are consecutive (always, as scheduled)
-    seq_lens: torch.Tensor | None = None   # decode groups: [B] context length (the query is its last token)
     masks: dict = field(default_factory=dict)   # sliding window -> [B, 1, q_len, kv_len] bool
 
     def blocked(self, window: int | None) -> torch.Tensor:
@@ -51,6 +53,10 @@ class AttentionMetadata:
     slot_mapping: torch.Tensor                  # [T] cache slot of each new token
     groups: list[AttentionGroup]
     decode_kernel: object | None = None         # model/kernels.py's compiled module (CPU), or None
+    # For the kernel: each query token's block table (its sequence's) [T, nb] and context length (its
+    # position + 1) [T]. Set by the runner where there is a kernel.
+    query_tables: torch.Tensor | None = None
+    query_lens: torch.Tensor | None = None
 
 
 def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, blocked: torch.Tensor, scaling: float | None,
@@ -102,24 +108,22 @@ def attend(md: AttentionMetadata, layer_idx: int, query: torch.Tensor, scaling: 
     context, the step's own keys included (write_kv first)."""
     k_cache, v_cache, _ = md.kv_cache.layer(layer_idx)
     t, h, d = query.shape
+    bs = md.kv_cache.block_size
+    if md.query_tables is not None and query.dtype == k_cache.dtype:
+        # Every query token over its own context: the C++ kernel reads K/V in place from the cache's blocks.
+        return md.decode_kernel.paged_decode_attention(
+            query.contiguous(), k_cache, v_cache, md.query_tables, md.query_lens, bs,
+            scaling if scaling is not None else d ** -0.5, softcap or 0.0, sliding_window or 0)
     hkv = k_cache.shape[0]
     q = query.transpose(0, 1).view(hkv, h // hkv, t, d)                # [Hkv, G, T, D]
-    bs = md.kv_cache.block_size
     out = None
     for g in md.groups:
         b, n = g.rows.shape
         rows = g.rows if g.span is None else g.span                     # a slice reads a view, not a gather
-        if g.seq_lens is not None and md.decode_kernel is not None and query.dtype == k_cache.dtype:
-            # One query token per sequence: the C++ kernel reads K/V in place from the cache's blocks.
-            qd = query[rows].reshape(b, h, d).contiguous()                             # [B, H, D]
-            o = md.decode_kernel.paged_decode_attention(
-                qd, k_cache, v_cache, g.kv_blocks, g.seq_lens, bs, scaling if scaling is not None else d ** -0.5,
-                softcap or 0.0, sliding_window or 0)
-        else:
-            qg = q[:, :, rows].reshape(hkv, h // hkv, b, n, d).transpose(1, 2).reshape(hkv, b, -1, d)
-            kg, vg = _gather(k_cache, g.kv_blocks, bs), _gather(v_cache, g.kv_blocks, bs)
-            o = _attend(qg, kg, vg, g.blocked(sliding_window), scaling, softcap)   # [Hkv, B, G * q_len, D]
-            o = o.view(hkv, b, h // hkv, n, d).permute(1, 3, 0, 2, 4).reshape(b * n, h, d)
+        qg = q[:, :, rows].reshape(hkv, h // hkv, b, n, d).transpose(1, 2).reshape(hkv, b, -1, d)
+        kg, vg = _gather(k_cache, g.kv_blocks, bs), _gather(v_cache, g.kv_blocks, bs)
+        o = _attend(qg, kg, vg, g.blocked(sliding_window), scaling, softcap)   # [Hkv, B, G * q_len, D]
+        o = o.view(hkv, b, h // hkv, n, d).permute(1, 3, 0, 2, 4).reshape(b * n, h, d)
         if g.span == slice(0, t):       # one group holds the whole batch (a pure decode step)
             return o
         if out is None:

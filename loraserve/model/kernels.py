@@ -89,3 +89,15 @@ def gemm() -> object | None:
 def layer_ops() -> object | None:
     """The compiled small ops of model/decoder.py (RMSNorm, RoPE, SiLU, argmax), or None (logged)."""
     return _build("layer_ops", "the lean forward's small ops (and the greedy argmax)", CFLAGS_NO_FMA)
+
+
+def share_helper_thread(modules: list[object | None]) -> None:
+    """Make the built kernel extensions among `modules` run their shared loops on one helper thread, the
+    first one's (csrc/helper_thread.h: each extension compiles its own, and two helpers polling for the
+    one core the engine leaves took turns on it)."""
+    built = [m for m in modules if m is not None]
+    if len(built) > 1:
+        capsule = built[0].helper_capsule()
+        for module in built[1:]:
+            module.use_helper(capsule)
+

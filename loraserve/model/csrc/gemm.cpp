@@ -223,4 +223,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.attr("has_bf16_dot") = kHasBf16Dot;
   m.def("set_helper", [](bool on) { helper_enabled.store(on); },
         "with one torch thread, share each GEMM's columns with the helper thread (the same bits)");
+  loraserve::def_helper_sharing(m);
 }

@@ -1,18 +1,24 @@
-// A second thread that shares a loop's chunks with the thread that posts it (model/csrc kernels).
+// A second thread that shares loops' chunks with the thread that posts them (model/csrc kernels).
 //
-// claim() reserves the helper (false: another thread holds it; run the work without it); post(n, fn, ctx)
-// then hands it chunks 0..n-1 of fn; join() takes whatever chunks the helper has
-// not reached, waits for the one it is on, and returns. Between the two the caller may do other work (the
-// multi-LoRA deltas run beside the base GEMM that way), or nothing (run = post + join: the GEMM's column
-// blocks split over two threads). Where the helper gets no core (one core, or a busy HTTP thread beside
-// it) the caller simply does every chunk itself, so the helper can cost a wake-up but never a wait for a
-// thread that is not running. Chunks must write disjoint memory; which thread runs one never changes
-// what it computes. One job at a time per helper. Each extension that includes this has its own helper
-// (internal linkage below: an inline function's static would be one object shared by every extension
-// loaded, and the GEMM would find it busy with the multi-LoRA deltas instead of sharing its columns;
-// measured served on 2 cores: 8 mixed adapters 541 tok/s with one shared helper, 572-606 with two).
+// post(n, fn, ctx) queues a job of chunks 0..n-1 and returns its ticket (-1: every slot is taken; run the
+// work without the helper); join(ticket) takes whatever chunks of that job the helper has not reached,
+// waits for the one it is on, and returns. The helper works through the queued jobs oldest first. Between
+// post and join the caller may do other work: the multi-LoRA deltas are posted before the base GEMM,
+// whose own column runs are posted next, so the helper computes the deltas and then joins the GEMM.
+// Where the helper gets no core (one core, or a busy HTTP thread beside it) the caller simply does every
+// chunk itself, so the helper can cost a wake-up but never a wait for a thread that is not running.
+// Chunks must write disjoint memory; which thread runs one never changes what it computes.
+//
+// One helper for all the kernel extensions. Each extension compiles its own HelperThread (internal
+// linkage below: an inline function's static would be one object shared by every extension loaded, by
+// accident of the linker), and model/kernels.py makes them all use one: `helper_capsule()` of one
+// extension, `use_helper(capsule)` on the others. The kernels run one after another on the engine
+// thread, and two helpers polling for one core took turns on it: served base SmolLM2 on 2 cores, with
+// the GEMM and the decode attention each on its own helper, 774-806 tok/s; on one shared, 842-865.
 #pragma once
 
+#include <c10/util/Exception.h>
+#include <pybind11/pybind11.h>
 #include <sched.h>
 
 #include <algorithm>
@@ -20,11 +26,12 @@
 #include <chrono>
 #include <condition_variable>
 #include <cstdint>
+#include <cstring>
 #include <mutex>
 #include <thread>
 
 namespace loraserve {
-namespace {   // internal linkage: one helper per extension (see above)
+namespace {   // internal linkage: see above
 
 inline void cpu_relax() {
 #if defined(__x86_64__) || defined(__i386__)
@@ -32,56 +39,76 @@ inline void cpu_relax() {
 #endif
 }
 
+using ChunkFn = void (*)(void* ctx, int64_t chunk);
+
 class HelperThread {
  public:
-  using Fn = void (*)(void* ctx, int64_t chunk);
-
   static HelperThread& get() {
     static HelperThread* helper = new HelperThread();   // never destroyed: it lives as long as the process
     return *helper;
   }
 
-  // Reserve the helper for one job (post, then join); false while another job holds it.
-  bool claim() {
-    int idle = kIdle;
-    return state_.compare_exchange_strong(idle, kClaimed, std::memory_order_acq_rel);
-  }
-
-  // After claim(): hand the helper the job.
-  void post(int64_t n, Fn fn, void* ctx) {
-    fn_ = fn;
-    ctx_ = ctx;
-    n_ = n;
-    next_.store(0, std::memory_order_relaxed);
-    {
-      std::lock_guard<std::mutex> lock(mutex_);
-      state_.store(kPosted, std::memory_order_release);
+  int64_t post(int64_t n, ChunkFn fn, void* ctx) {
+    for (int64_t s = 0; s < kSlots; ++s) {
+      Slot& slot = slots_[s];
+      int free = kFree;
+      if (!slot.state.compare_exchange_strong(free, kFilling, std::memory_order_acq_rel)) continue;
+      slot.fn = fn;
+      slot.ctx = ctx;
+      slot.n = n;
+      slot.next.store(0, std::memory_order_relaxed);
+      slot.order.store(posted_.fetch_add(1, std::memory_order_relaxed), std::memory_order_relaxed);
+      {
+        std::lock_guard<std::mutex> lock(mutex_);
+        slot.state.store(kPosted, std::memory_order_release);
+      }
+      wake_.notify_one();
+      return s;
     }
-    wake_.notify_one();
+    return -1;
   }
 
-  void join() {
-    take_chunks();
-    int posted = kPosted;                    // a helper that never woke must not start it now
-    if (!state_.compare_exchange_strong(posted, kTaken, std::memory_order_acq_rel))
-      while (state_.load(std::memory_order_acquire) != kDone) cpu_relax();
-    state_.store(kIdle, std::memory_order_release);
+  void join(int64_t ticket) {
+    Slot& slot = slots_[ticket];
+    take_chunks(slot);
+    int posted = kPosted;                    // a helper that never reached it must not start it now
+    if (!slot.state.compare_exchange_strong(posted, kFree, std::memory_order_acq_rel)) {
+      while (slot.state.load(std::memory_order_acquire) != kDone) cpu_relax();
+      slot.state.store(kFree, std::memory_order_release);
+    }
   }
-
-  // Give back a claim that posted nothing.
-  void release() { state_.store(kIdle, std::memory_order_release); }
 
  private:
-  // kClaimed: a caller holds it and is filling in a job; kPosted: a job waits; kRunning: the helper is on
-  // it; kDone: the helper is off it; kTaken: the caller did it all before the helper woke.
-  static constexpr int kIdle = 0, kPosted = 1, kRunning = 2, kDone = 3, kTaken = 4, kClaimed = 5;
+  // A slot is kFree, then kFilling while its poster writes the job, kPosted until the helper takes it
+  // (kRunning) or its poster joins first (kFree again); the helper leaves it kDone, and join frees it.
+  static constexpr int kFree = 0, kFilling = 1, kPosted = 2, kRunning = 3, kDone = 4;
+  static constexpr int64_t kSlots = 4;
   static constexpr int kPollUs = 2000;
+
+  struct Slot {
+    std::atomic<int> state{kFree};
+    std::atomic<uint64_t> order{0};          // posting order: the helper takes the oldest job first
+    std::atomic<int64_t> next{0};            // the next chunk to hand out
+    ChunkFn fn = nullptr;
+    void* ctx = nullptr;
+    int64_t n = 0;
+  };
 
   HelperThread() : thread_([this] { loop(); }) { thread_.detach(); }
 
-  void take_chunks() {
-    for (int64_t i = next_.fetch_add(1, std::memory_order_relaxed); i < n_; i = next_.fetch_add(1, std::memory_order_relaxed))
-      fn_(ctx_, i);
+  static void take_chunks(Slot& slot) {
+    for (int64_t i = slot.next.fetch_add(1, std::memory_order_relaxed); i < slot.n;
+         i = slot.next.fetch_add(1, std::memory_order_relaxed))
+      slot.fn(slot.ctx, i);
+  }
+
+  Slot* oldest_posted() {
+    Slot* oldest = nullptr;
+    for (Slot& slot : slots_)
+      if (slot.state.load(std::memory_order_acquire) == kPosted &&
+          (oldest == nullptr || slot.order.load(std::memory_order_relaxed) < oldest->order.load(std::memory_order_relaxed)))
+        oldest = &slot;
+    return oldest;
   }
 
   void loop() {
@@ -90,32 +117,66 @@ class HelperThread {
       // come tens to hundreds of microseconds apart within a step, and waking a sleeping thread costs the
       // caller ~10-20 us on a VM. Between steps it goes to sleep.
       const auto until = std::chrono::steady_clock::now() + std::chrono::microseconds(kPollUs);
-      while (state_.load(std::memory_order_acquire) != kPosted && std::chrono::steady_clock::now() < until)
+      Slot* slot = oldest_posted();
+      while (slot == nullptr && std::chrono::steady_clock::now() < until) {
         sched_yield();
-      if (state_.load(std::memory_order_acquire) != kPosted) {
-        std::unique_lock<std::mutex> lock(mutex_);
-        wake_.wait(lock, [this] { return state_.load(std::memory_order_acquire) == kPosted; });
+        slot = oldest_posted();
       }
-      int posted = kPosted;
-      if (!state_.compare_exchange_strong(posted, kRunning, std::memory_order_acq_rel)) continue;
-      take_chunks();
-      state_.store(kDone, std::memory_order_release);
+      if (slot == nullptr) {
+        std::unique_lock<std::mutex> lock(mutex_);
+        wake_.wait(lock, [&] { return (slot = oldest_posted()) != nullptr; });
+      }
+      int posted = kPosted;      // its poster may have joined it meanwhile (and even posted another there)
+      if (!slot->state.compare_exchange_strong(posted, kRunning, std::memory_order_acq_rel)) continue;
+      take_chunks(*slot);
+      slot->state.store(kDone, std::memory_order_release);
     }
   }
 
-  std::atomic<int> state_{kIdle};
-  std::atomic<int64_t> next_{0};
-  Fn fn_ = nullptr;
-  void* ctx_ = nullptr;
-  int64_t n_ = 0;
+  Slot slots_[kSlots];
+  std::atomic<uint64_t> posted_{0};
   std::mutex mutex_;
   std::condition_variable wake_;
   std::thread thread_;
 };
 
+// The helper as plain function pointers, so that another extension can use this one's (a PyCapsule
+// carries the table; extension modules are never unloaded).
+struct HelperApi {
+  int64_t (*post)(int64_t n, ChunkFn fn, void* ctx);
+  void (*join)(int64_t ticket);
+};
+
+constexpr const char* kCapsuleName = "loraserve.helper_thread";
+
+const HelperApi* own_helper() {
+  static const HelperApi api{[](int64_t n, ChunkFn fn, void* ctx) { return HelperThread::get().post(n, fn, ctx); },
+                             [](int64_t ticket) { HelperThread::get().join(ticket); }};
+  return &api;
+}
+
+std::atomic<const HelperApi*> adopted_helper{nullptr};
+
+// The helper this extension's kernels use: the one adopted with use_helper, else its own.
+const HelperApi& helper() {
+  const HelperApi* api = adopted_helper.load(std::memory_order_acquire);
+  return api != nullptr ? *api : *own_helper();
+}
+
+// `helper_capsule()` and `use_helper(capsule)` on an extension module (see the top of this file).
+void def_helper_sharing(pybind11::module_& m) {
+  m.def("helper_capsule", [] { return pybind11::capsule(const_cast<HelperApi*>(own_helper()), kCapsuleName); },
+        "this extension's helper thread, for another extension's use_helper");
+  m.def("use_helper", [](const pybind11::capsule& capsule) {
+    TORCH_CHECK(capsule.name() != nullptr && std::strcmp(capsule.name(), kCapsuleName) == 0,
+                "use_helper: expected the capsule from helper_capsule()");
+    adopted_helper.store(capsule.get_pointer<HelperApi>(), std::memory_order_release);
+  }, "run this extension's shared loops on the helper thread of the extension whose helper_capsule() this is");
+}
+
 // body(begin, end) over [0, n) in `runs` contiguous runs (each read front to back, so a kernel's own
 // prefetch of what comes next in its run stays useful), shared by the caller and the helper. False (and
-// nothing run) where another thread holds the helper.
+// nothing run) where the helper has no free slot.
 template <typename F>
 bool split_runs(int64_t n, int64_t runs, const F& body) {
   struct Ctx {
@@ -123,13 +184,13 @@ bool split_runs(int64_t n, int64_t runs, const F& body) {
     int64_t n, per;
   };
   Ctx ctx{&body, n, (n + runs - 1) / runs};
-  HelperThread& helper = HelperThread::get();
-  if (!helper.claim()) return false;
-  helper.post((n + ctx.per - 1) / ctx.per, [](void* c, int64_t k) {
+  const HelperApi& h = helper();
+  const int64_t ticket = h.post((n + ctx.per - 1) / ctx.per, [](void* c, int64_t k) {
     const auto* x = static_cast<const Ctx*>(c);
     (*x->body)(k * x->per, std::min(x->n, (k + 1) * x->per));
   }, &ctx);
-  helper.join();
+  if (ticket < 0) return false;
+  h.join(ticket);
   return true;
 }
 

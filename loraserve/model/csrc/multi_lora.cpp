@@ -496,6 +496,8 @@ struct DeltaJob {
   std::vector<Block> blocks;
   int64_t d_cols = 0;
   std::vector<float> delta;     // [T, d_cols]
+  int64_t chunks = 0;           // (member, block) pairs
+  int64_t ticket = -1;          // the helper's, or -1: finish computes every chunk
 
   static DeltaJob& current() {
     static DeltaJob* job = new DeltaJob();
@@ -555,9 +557,8 @@ struct Group {
     check_x(x2);
     const int64_t num_slots = checked_slots(x2, token_slots, a, b, d_cols, cols, outs);
     if (a.empty()) return false;
-    // Claimed only now: a refused call above leaves the helper free.
-    TORCH_CHECK(loraserve::HelperThread::get().claim(), "a multi-LoRA job is already running: finish it first");
     DeltaJob& job = DeltaJob::current();
+    TORCH_CHECK(!job.x.defined(), "a multi-LoRA job is already running: finish it first");
     job.x = x2;
     job.d_cols = d_cols;
     job.a = a;
@@ -566,18 +567,23 @@ struct Group {
     job.outs = outs;
     job.blocks = make_blocks(token_slots.data_ptr<int64_t>(), job.x.size(0), num_slots);
     job.delta.resize(job.x.size(0) * job.d_cols);
-    loraserve::HelperThread::get().post(static_cast<int64_t>(job.blocks.size() * a.size()), &DeltaJob::chunk, &job);
+    job.chunks = static_cast<int64_t>(job.blocks.size() * a.size());
+    // No free slot on the helper (another thread's jobs hold them all): finish computes the deltas itself.
+    job.ticket = loraserve::helper().post(job.chunks, &DeltaJob::chunk, &job);
     return true;
   }
 
   void finish(const at::Tensor& y) const {
-    loraserve::HelperThread& helper = loraserve::HelperThread::get();
     DeltaJob& job = DeltaJob::current();
     TORCH_CHECK(job.x.defined(), "finish without start");
     bool ok;
     {
       pybind11::gil_scoped_release no_gil;
-      helper.join();
+      if (job.ticket >= 0) {
+        loraserve::helper().join(job.ticket);
+      } else {
+        for (int64_t i = 0; i < job.chunks; ++i) DeltaJob::chunk(&job, i);
+      }
       const at::Tensor y2 = y.view({-1, y.size(-1)});
       ok = y2.size(0) == job.x.size(0) && y2.size(1) >= job.d_cols && y2.stride(1) == 1 &&
            y2.scalar_type() == job.x.scalar_type() && y2.device().is_cpu();
@@ -605,4 +611,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       .def("finish", &Group::finish, "wait for the started deltas and add them into y (same bits as apply)");
   m.def("multi_lora_apply", &multi_lora_apply, "y[t] += B_s A_s x[t] for each row t's own slot s, in place");
   m.def("b_pairs", &b_pairs, "whether B tiles for tensors of this one's dtype hold pairs of rows");
+  loraserve::def_helper_sharing(m);
 }
