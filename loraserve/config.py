@@ -21,7 +21,8 @@ class EngineConfig:
     lean_forward: bool = True               # Llama/Qwen2/Mistral: loraserve's flat layer loop (model/decoder.py)
     num_threads: int | None = None          # torch threads of the async serving loop (None: torch's default)
     helper_thread: bool = True              # CPU kernels, 1 engine thread, 2+ cores: a helper thread shares each
-    #                                         GEMM's columns and runs the adapters' deltas (csrc/helper_thread.h)
+    #                                         GEMM's columns and the attention's heads and runs the adapters'
+    #                                         deltas (csrc/helper_thread.h)
     trust_remote_code: bool = False
     lora: "LoRAConfig" = field(default_factory=lambda: LoRAConfig())
 
