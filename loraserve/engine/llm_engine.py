@@ -95,8 +95,9 @@ class LLMEngine:
                                   self._lean_decoder(config))   # LoRA may wrap its modules later: looked up per call
         self.sampler = Sampler(config.seed, kernels.layer_ops() if self._cpu_kernels() else None)
         self.lora = self._load_adapters(config) if config.lora.enable_lora else None
-        if self._helper_thread():   # one helper for every kernel: they run one after another on this thread
-            kernels.share_helper_thread([attention_kernel, gemm, kernels.multi_lora() if self.lora is not None else None])
+        if self._helper_thread():   # one helper thread for every kernel (csrc/helper_thread.h)
+            multi_lora = kernels.multi_lora() if self.lora is not None else None
+            kernels.share_helper_thread([attention_kernel, gemm, multi_lora])
         self.scheduler = Scheduler(self.blocks, config.max_num_seqs,
                                    max(config.max_num_batched_tokens, config.max_num_seqs),
                                    self._acquire_lora, self._release_lora)
