@@ -158,7 +158,6 @@ struct Gemm {
 // the next-block prefetch inside a run stays useful. Which thread computes a column changes none of its
 // bits. Served on 2 cores it took base SmolLM2 from ~585 to ~735 tok/s (bench/README.md).
 constexpr int64_t CHUNKS = 4;      // 8 was no better served (bench/README.md)
-std::atomic<bool> helper_enabled{false};
 
 torch::Tensor linear(const torch::Tensor& x_in, const torch::Tensor& packed, int64_t out_features,
                      const c10::optional<torch::Tensor>& bias_in) {
@@ -186,10 +185,7 @@ torch::Tensor linear(const torch::Tensor& x_in, const torch::Tensor& packed, int
   const int64_t blocks = (NT + TILES - 1) / TILES;
   const Gemm gemm{xp, M, K, wp, KP, NT, bp, yp, N};
   // Threads split the columns only: each element is still summed by one lane, in one order.
-  if (helper_enabled.load(std::memory_order_relaxed) && at::get_num_threads() == 1 && blocks >= CHUNKS &&
-      loraserve::split_runs(blocks, CHUNKS, [&](int64_t b0, int64_t b1) { gemm.blocks(b0, b1); }))
-    return y;
-  at::parallel_for(0, blocks, 1, [&](int64_t b0, int64_t b1) { gemm.blocks(b0, b1); });
+  loraserve::parallel_runs(blocks, CHUNKS, [&](int64_t b0, int64_t b1) { gemm.blocks(b0, b1); });
   return y;
 }
 
@@ -200,8 +196,6 @@ constexpr bool kHasBf16Dot = false;
 torch::Tensor linear(const torch::Tensor&, const torch::Tensor&, int64_t, const c10::optional<torch::Tensor>&) {
   TORCH_CHECK(false, "this build has no AVX512-BF16: use oneDNN (model/cpu_gemm.py checks has_bf16_dot())");
 }
-
-std::atomic<bool> helper_enabled{false};
 
 #endif
 
@@ -221,7 +215,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("linear", &linear, "x W^T (+ bias) from a packed W; x [..., K] bf16", py::arg("x"), py::arg("packed"),
         py::arg("out_features"), py::arg("bias") = py::none(), py::call_guard<py::gil_scoped_release>());
   m.attr("has_bf16_dot") = kHasBf16Dot;
-  m.def("set_helper", [](bool on) { helper_enabled.store(on); },
-        "with one torch thread, share each GEMM's columns with the helper thread (the same bits)");
+  loraserve::def_set_helper(m, "with one torch thread, share each GEMM's columns "
+                                 "with the helper thread (the same bits)");
   loraserve::def_helper_sharing(m);
 }

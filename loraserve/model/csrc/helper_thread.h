@@ -17,6 +17,7 @@
 // the GEMM and the decode attention each on its own helper, 774-806 tok/s; on one shared, 842-865.
 #pragma once
 
+#include <ATen/Parallel.h>
 #include <c10/util/Exception.h>
 #include <pybind11/pybind11.h>
 #include <sched.h>
@@ -104,10 +105,11 @@ class HelperThread {
 
   Slot* oldest_posted() {
     Slot* oldest = nullptr;
-    for (Slot& slot : slots_)
-      if (slot.state.load(std::memory_order_acquire) == kPosted &&
-          (oldest == nullptr || slot.order.load(std::memory_order_relaxed) < oldest->order.load(std::memory_order_relaxed)))
-        oldest = &slot;
+    for (Slot& slot : slots_) {
+      if (slot.state.load(std::memory_order_acquire) != kPosted) continue;
+      const uint64_t order = slot.order.load(std::memory_order_relaxed);
+      if (oldest == nullptr || order < oldest->order.load(std::memory_order_relaxed)) oldest = &slot;
+    }
     return oldest;
   }
 
@@ -192,6 +194,25 @@ bool split_runs(int64_t n, int64_t runs, const F& body) {
   if (ticket < 0) return false;
   h.join(ticket);
   return true;
+}
+
+// Whether this extension's loops use the helper: the engine turns it on when it serves with one engine
+// thread on 2+ cores (engine/llm_engine.py, set_helper).
+std::atomic<bool> helper_enabled{false};
+
+// body(begin, end) over [0, n): with one torch thread and the helper on, in `runs` runs shared with the
+// helper (split_runs); otherwise (or with no free slot) over torch's threads.
+template <typename F>
+void parallel_runs(int64_t n, int64_t runs, const F& body) {
+  if (helper_enabled.load(std::memory_order_relaxed) && at::get_num_threads() == 1 && n >= runs &&
+      split_runs(n, runs, body))
+    return;
+  at::parallel_for(0, n, 1, body);
+}
+
+// `set_helper(on)` on an extension module whose loops run through parallel_runs.
+void def_set_helper(pybind11::module_& m, const char* doc) {
+  m.def("set_helper", [](bool on) { helper_enabled.store(on, std::memory_order_relaxed); }, doc);
 }
 
 }  // namespace

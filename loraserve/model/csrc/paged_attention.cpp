@@ -32,7 +32,6 @@ namespace {
 // of (query, head) pairs: a batch-16 decode's attention at 96 tokens of context, 30 layers, 4.1 -> 2.0 ms
 // (2 to 16 runs alike).
 constexpr int64_t RUNS = 4;
-std::atomic<bool> helper_enabled{false};
 
 // Blocks ahead of the one in use whose lines are requested: the blocks lie anywhere in the cache, and
 // one block's arithmetic is too short to cover a miss (2 ahead instead of 1: a batch-16 step's attention
@@ -219,10 +218,7 @@ void attend(const Shape& s, const T* q, const T* k_cache, const T* v_cache, cons
   };
   // One engine thread: share the (query, head) pairs with the helper thread, in runs (each run prefetches
   // its next pair's first blocks). Which thread computes a pair changes none of its bits.
-  if (helper_enabled.load(std::memory_order_relaxed) && at::get_num_threads() == 1 && s.B * s.Hkv >= RUNS &&
-      loraserve::split_runs(s.B * s.Hkv, RUNS, pairs))
-    return;
-  at::parallel_for(0, s.B * s.Hkv, 1, pairs);
+  loraserve::parallel_runs(s.B * s.Hkv, RUNS, pairs);
 }
 
 template <typename T>
@@ -278,7 +274,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   // Without the GIL, like torch's own ops: the HTTP thread keeps serving streams while a step computes.
   m.def("paged_decode_attention", &paged_decode_attention, "each query row over its own context in the paged KV cache",
         py::call_guard<py::gil_scoped_release>());
-  m.def("set_helper", [](bool on) { helper_enabled.store(on); },
-        "with one torch thread, share the (query, head) pairs with the helper thread (the same bits)");
+  loraserve::def_set_helper(m, "with one torch thread, share the (query, head) pairs "
+                                 "with the helper thread (the same bits)");
   loraserve::def_helper_sharing(m);
 }
