@@ -233,7 +233,7 @@ def test_one_helper_runs_the_deltas_and_the_gemm_beside_them(kernel):
     which works through the deltas and then joins the GEMM: both results keep their one-thread bits."""
     gemm = kernels.gemm()
     if gemm is None:
-        pytest.skip("no AVX512-BF16 GEMM on this CPU: the base GEMM is oneDNN's, with no helper")
+        pytest.skip("no GEMM kernel for this CPU: the base GEMM is oneDNN's, with no helper")
     kernels.share_helper_thread([kernels.paged_attention(), gemm, kernel])
     with pytest.raises(RuntimeError, match="expected the capsule from helper_capsule"):
         gemm.use_helper(_capsule_named("not.a.helper"))

@@ -7,7 +7,8 @@ GEMM time of a batch-16 SmolLM2 decode step by ~30% on 2 cores (bench/README.md)
 results are bit-identical to `F.linear` (tests/test_cpu_gemm.py checks it over many shapes).
 
 On CPUs with AVX512-BF16 the engine passes the C++ GEMM (model/csrc/gemm.cpp, `kernels.gemm()`)
-instead: 1.55x oneDNN's speed at 16 rows (bench/gemm.py). Its results can differ from oneDNN's in the
+instead: 1.55x oneDNN's speed at 16 rows (bench/gemm.py). On CPUs with only AVX2 and FMA, where oneDNN
+has no bf16 GEMM at all, the same kernel's AVX2 path is the only packed one. Its results can differ from oneDNN's in the
 last bit (another summation order), but each element is one float32 sum in a fixed order, so a row's
 result never depends on the rest of the batch, nor a column's on the columns stacked beside it:
 isolation holds on either backend. `add_linear` (the PyTorch LoRA path's B GEMMs) is oneDNN's only.
@@ -27,8 +28,11 @@ def _onednn_bf16() -> bool:
     return torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
 
 
-def supported(weight: torch.Tensor) -> bool:
-    return weight.device.type == "cpu" and weight.dtype == torch.bfloat16 and _onednn_bf16()
+def supported(weight: torch.Tensor, kernel: object | None = None) -> bool:
+    """Whether `weight` multiplies from a packed copy: CPU bf16, for `kernel` (kernels.gemm()) or, without
+    one, for oneDNN where it has a bf16 GEMM (not on CPUs without AVX512, where the kernel's AVX2 path is
+    the only fast one)."""
+    return weight.device.type == "cpu" and weight.dtype == torch.bfloat16 and (kernel is not None or _onednn_bf16())
 
 
 class PackedWeight:
@@ -67,12 +71,12 @@ class PackedWeight:
     def prepack(self, weight: torch.Tensor) -> None:
         """Pack `weight` now, at start-up, where `linear` will use the packed copy (CPU bf16); elsewhere
         (CUDA, float32) there is nothing to pack."""
-        if supported(weight):
+        if supported(weight, self.kernel):
             self.get(weight)
 
     def linear(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         """`F.linear(x, weight, bias)` from the packed copy where it applies (oneDNN's: bit for bit)."""
-        packed = self.get(weight) if x.dtype == weight.dtype and supported(weight) else None
+        packed = self.get(weight) if x.dtype == weight.dtype and supported(weight, self.kernel) else None
         if packed is None:
             return F.linear(x, weight, bias)
         if self.kernel is not None:
@@ -105,7 +109,7 @@ def prepack_linears(model: nn.Module, kernel: object | None = None) -> int:
     kernels.gemm() to pack for it, or None for oneDNN."""
     count = 0
     for module in model.modules():
-        if type(module) is nn.Linear and supported(module.weight):
+        if type(module) is nn.Linear and supported(module.weight, kernel):
             module.__class__ = PackedLinear
             module.packed_weight = PackedWeight(kernel=kernel)
             module.packed_weight.get(module.weight)     # pack now, not on the first request

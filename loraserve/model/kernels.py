@@ -77,10 +77,11 @@ def multi_lora() -> object | None:
 
 @functools.cache
 def gemm() -> object | None:
-    """The compiled bf16 GEMM (`pack`, `linear`) where this CPU has AVX512-BF16, else None (oneDNN then)."""
+    """The compiled bf16 GEMM (`pack`, `linear`) where this CPU has AVX512-BF16 or AVX2 with FMA (its
+    `path` says which), else None (oneDNN then)."""
     module = _build("gemm", "bf16 linear layers", CFLAGS_EXACT)
-    if module is not None and not module.has_bf16_dot:
-        log.info("this CPU has no AVX512-BF16: bf16 linear layers use oneDNN")
+    if module is not None and not module.path:
+        log.info("this CPU has neither AVX512-BF16 nor AVX2 with FMA: bf16 linear layers use oneDNN")
         return None
     return module
 

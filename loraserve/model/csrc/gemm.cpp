@@ -22,6 +22,7 @@
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
+#include <vector>
 #if defined(__AVX512BF16__)
 #include <immintrin.h>
 #endif
@@ -132,9 +133,10 @@ void rows(const uint16_t* x, int64_t M, int64_t K, const uint16_t* w, int64_t KP
 
 }  // namespace
 
-constexpr bool kHasBf16Dot = true;
+constexpr const char* kPath = "avx512_bf16";
 
 struct Gemm {
+  static constexpr int64_t kTiles = TILES;   // tiles per block: the unit the threads share
   const uint16_t* xp;
   int64_t M, K;
   const uint16_t* wp;
@@ -142,6 +144,8 @@ struct Gemm {
   const uint16_t* bp;
   uint16_t* yp;
   int64_t N;
+
+  void prepare() {}                          // vdpbf16ps reads x as it is
 
   void blocks(int64_t b0, int64_t b1) const {
     for (int64_t b = b0; b < b1; ++b) {
@@ -153,6 +157,107 @@ struct Gemm {
   }
 };
 
+#elif defined(__AVX2__) && defined(__FMA__)
+#include "bf16_avx2.h"
+namespace {
+
+// CPUs with AVX2 and FMA but no AVX512-BF16 (AMD Zen 2/3, Intel before Cooper Lake): oneDNN has no bf16
+// GEMM there and PyTorch's fallback ran a batch-16 SmolLM2 step at ~17 GFLOP/s (~240 ms). This path
+// reads the same packed weight: one 256-bit load holds 8 columns' (k even, k odd) pairs; the even
+// halves shifted up and the odd ones masked are those weights in float32 (exactly: bf16 is the top half
+// of a float32), multiplied by float32 broadcasts of x with FMAs. Each output element is one
+// accumulator lane that adds k = 0, 1, ..., K - 1 in order (one FMA each: a bf16 product is exact in
+// float32, so each step rounds once, as vdpbf16ps does), whatever rows or columns share its block.
+constexpr int ROWS2 = 6;   // 6 rows x 2 halves of a tile: 12 accumulators + 2 weights + 1 broadcast of 16 ymm
+
+// y[m][col .. col + 16) for MB rows over one tile's k-pairs; x holds float32 rows of 2 * KP (zero pad).
+template <int MB>
+void tile_rows(const float* x, int64_t KP, const uint16_t* wt, const uint16_t* bias, uint16_t* y, int64_t N,
+               int64_t col) {
+  __m256 acc[MB][2];
+  for (int m = 0; m < MB; ++m) acc[m][0] = acc[m][1] = _mm256_setzero_ps();
+  const int64_t KX = 2 * KP;
+  for (int64_t kp = 0; kp < KP; ++kp) {
+    const __m256i lo = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wt + kp * TILE * 2));
+    const __m256i hi = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wt + kp * TILE * 2 + TILE));
+    __m256 w0 = loraserve::pair_even(lo), w1 = loraserve::pair_even(hi);
+    for (int m = 0; m < MB; ++m) {
+      const __m256 b = _mm256_broadcast_ss(x + m * KX + 2 * kp);
+      acc[m][0] = _mm256_fmadd_ps(b, w0, acc[m][0]);
+      acc[m][1] = _mm256_fmadd_ps(b, w1, acc[m][1]);
+    }
+    w0 = loraserve::pair_odd(lo);
+    w1 = loraserve::pair_odd(hi);
+    for (int m = 0; m < MB; ++m) {
+      const __m256 b = _mm256_broadcast_ss(x + m * KX + 2 * kp + 1);
+      acc[m][0] = _mm256_fmadd_ps(b, w0, acc[m][0]);
+      acc[m][1] = _mm256_fmadd_ps(b, w1, acc[m][1]);
+    }
+  }
+  const int64_t width = std::min<int64_t>(TILE, N - col);
+  float bf[TILE] = {};                               // bf16 bias widened, added before the one rounding
+  if (bias)
+    for (int64_t j = 0; j < width; ++j) bf[j] = c10::BFloat16(bias[col + j], c10::BFloat16::from_bits());
+  for (int h = 0; h < 2 && 8 * h < width; ++h) {
+    const __m256 b = _mm256_loadu_ps(bf + 8 * h);
+    for (int m = 0; m < MB; ++m)
+      loraserve::store8_bf16(y + m * N + col + 8 * h, bias ? _mm256_add_ps(acc[m][h], b) : acc[m][h],
+                 std::min<int64_t>(8, width - 8 * h));
+  }
+}
+
+}  // namespace
+
+constexpr const char* kPath = "avx2_fma";
+
+struct Gemm {
+  static constexpr int64_t kTiles = 1;       // one tile per block: 16 columns
+  const uint16_t* xp;
+  int64_t M, K;
+  const uint16_t* wp;
+  int64_t KP, NT;
+  const uint16_t* bp;
+  uint16_t* yp;
+  int64_t N;
+  const float* xf = nullptr;
+
+  // x widened to float32 once per call (rows of 2 * KP, an odd K's pad zero), for the broadcasts.
+  void prepare() {
+    static thread_local std::vector<float> buf;      // reused from call to call
+    buf.assign(M * 2 * KP, 0.f);
+    for (int64_t m = 0; m < M; ++m)
+      for (int64_t k = 0; k < K; ++k) {
+        const uint32_t bits = static_cast<uint32_t>(xp[m * K + k]) << 16;
+        std::memcpy(&buf[m * 2 * KP + k], &bits, 4);
+      }
+    xf = buf.data();
+  }
+
+  // Tile by tile, the rows in passes of ROWS2 over all of K: a tile's weights come from memory once and
+  // from the cache for the other passes.
+  void blocks(int64_t t0, int64_t t1) const {
+    for (int64_t t = t0; t < t1; ++t) {
+      const uint16_t* wt = wp + t * KP * TILE * 2;
+      const int64_t col = t * TILE;
+      int64_t m = 0;
+      for (; m + ROWS2 <= M; m += ROWS2) tile_rows<ROWS2>(xf + m * 2 * KP, KP, wt, bp, yp + m * N, N, col);
+      const float* xr = xf + m * 2 * KP;
+      uint16_t* yr = yp + m * N;
+      switch (M - m) {
+        case 5: tile_rows<5>(xr, KP, wt, bp, yr, N, col); break;
+        case 4: tile_rows<4>(xr, KP, wt, bp, yr, N, col); break;
+        case 3: tile_rows<3>(xr, KP, wt, bp, yr, N, col); break;
+        case 2: tile_rows<2>(xr, KP, wt, bp, yr, N, col); break;
+        case 1: tile_rows<1>(xr, KP, wt, bp, yr, N, col); break;
+        default: break;
+      }
+    }
+  }
+};
+
+#endif
+
+#if defined(__AVX512BF16__) || (defined(__AVX2__) && defined(__FMA__))
 // With one torch thread and the helper on (set_helper: the engine's choice, engine/llm_engine.py), the helper
 // thread (helper_thread.h) shares the columns: CHUNKS runs of column blocks, each read front to back, so
 // the next-block prefetch inside a run stays useful. Which thread computes a column changes none of its
@@ -182,8 +287,9 @@ torch::Tensor linear(const torch::Tensor& x_in, const torch::Tensor& packed, int
   const auto* wp = reinterpret_cast<const uint16_t*>(packed.data_ptr());
   auto* yp = reinterpret_cast<uint16_t*>(y.data_ptr());
   const auto* bp = bias.defined() ? reinterpret_cast<const uint16_t*>(bias.data_ptr()) : nullptr;
-  const int64_t blocks = (NT + TILES - 1) / TILES;
-  const Gemm gemm{xp, M, K, wp, KP, NT, bp, yp, N};
+  const int64_t blocks = (NT + Gemm::kTiles - 1) / Gemm::kTiles;
+  Gemm gemm{xp, M, K, wp, KP, NT, bp, yp, N};
+  gemm.prepare();
   // Threads split the columns only: each element is still summed by one lane, in one order.
   loraserve::parallel_runs(blocks, CHUNKS, [&](int64_t b0, int64_t b1) { gemm.blocks(b0, b1); });
   return y;
@@ -191,10 +297,10 @@ torch::Tensor linear(const torch::Tensor& x_in, const torch::Tensor& packed, int
 
 #else
 
-constexpr bool kHasBf16Dot = false;
+constexpr const char* kPath = "";
 
 torch::Tensor linear(const torch::Tensor&, const torch::Tensor&, int64_t, const c10::optional<torch::Tensor>&) {
-  TORCH_CHECK(false, "this build has no AVX512-BF16: use oneDNN (model/cpu_gemm.py checks has_bf16_dot())");
+  TORCH_CHECK(false, "this build has neither AVX512-BF16 nor AVX2 with FMA: model/kernels.py checks `path`");
 }
 
 #endif
@@ -214,7 +320,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("pack", &pack, "W [N, K] -> the kernel's packed layout", py::arg("weight"));
   m.def("linear", &linear, "x W^T (+ bias) from a packed W; x [..., K] bf16", py::arg("x"), py::arg("packed"),
         py::arg("out_features"), py::arg("bias") = py::none(), py::call_guard<py::gil_scoped_release>());
-  m.attr("has_bf16_dot") = kHasBf16Dot;
+  m.attr("path") = kPath;   // "avx512_bf16", "avx2_fma", or "" (no fast path: kernels.gemm() gives None)
   loraserve::def_set_helper(m, "with one torch thread, share each GEMM's columns "
                                  "with the helper thread (the same bits)");
   loraserve::def_helper_sharing(m);

@@ -31,6 +31,7 @@
 #if defined(__AVX512BF16__)
 #include <immintrin.h>
 #endif
+#include "bf16_avx2.h"
 
 namespace {
 
@@ -247,6 +248,118 @@ void up_proj(const float* h, const at::BFloat16* bt, int64_t r, int64_t out, con
   int64_t t = 0;
   for (; t + TB <= tiles; t += TB) up_tiles<NB, TB>(hp, bt, pairs, out, t, sink);
   for (; t < tiles; ++t) up_tiles<NB, 1>(hp, bt, pairs, out, t, sink);
+}
+constexpr bool kBf16Dot = true;
+#elif defined(__AVX2__) && defined(__FMA__) && !defined(NO_DOT)
+// bf16 on CPUs with AVX2 and FMA but no AVX512-BF16 (AMD Zen 2/3, older Intel): the layouts, the order of
+// the sums and h's rounding to bf16 of the path above, 8 lanes at a time, each bf16 widened to float32
+// (exactly) and multiplied with FMAs (a bf16 product is exact in float32: each step rounds once, as a
+// vdpbf16ps step does). The generic path below widens through 64-byte vectors that AVX2 compilers spill
+// to the stack: 8 SmolLM2 adapters took ~45 ms a step there.
+constexpr int down_chains(int nb) { return nb >= 8 ? 1 : nb >= 4 ? 2 : 4; }   // NB x KB + KB + 1 of 16 ymm
+constexpr int up_halves(int nb) { return nb >= 8 ? 1 : nb >= 4 ? 2 : nb >= 2 ? 3 : 4; }
+
+inline const uint16_t* bits(const at::BFloat16* p) { return reinterpret_cast<const uint16_t*>(p); }
+
+inline float hsum8(__m256 v) {
+  const __m128 a = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  return (a[0] + a[2]) + (a[1] + a[3]);
+}
+
+// h for ranks k0..k0+KB-1 as bf16 pairs, as the vdpbf16ps down_ranks writes them.
+template <int NB, int KB>
+void down_ranks(const at::BFloat16* const* xs, int64_t in, const at::BFloat16* a, int64_t k0, int64_t pairs,
+                uint16_t* hb) {
+  const int64_t full = in / 8 * 8;
+  __m256 acc[NB][KB];
+  for (int n = 0; n < NB; ++n)
+    for (int q = 0; q < KB; ++q) acc[n][q] = _mm256_setzero_ps();
+  auto step = [&](int64_t i, int64_t w) {
+    __m256 av[KB];
+    for (int q = 0; q < KB; ++q) {
+      const uint16_t* ak = bits(a + (k0 + q) * in + i);
+      if (w == 8 && i % 32 == 0) __builtin_prefetch(ak + PREFETCH);     // one request per cache line
+      av[q] = w == 8 ? loraserve::widen8(ak) : loraserve::widen8_partial(ak, w);
+    }
+    for (int n = 0; n < NB; ++n) {
+      const __m256 xv = w == 8 ? loraserve::widen8(bits(xs[n] + i)) : loraserve::widen8_partial(bits(xs[n] + i), w);
+      for (int q = 0; q < KB; ++q) acc[n][q] = _mm256_fmadd_ps(xv, av[q], acc[n][q]);
+    }
+  };
+  for (int64_t i = 0; i < full; i += 8) step(i, 8);
+  if (full < in) step(full, in - full);
+  for (int n = 0; n < NB; ++n)
+    for (int q = 0; q < KB; ++q) hb[n * pairs * 2 + k0 + q] = at::BFloat16(hsum8(acc[n][q])).x;
+}
+
+template <int NB>
+void down_proj(const at::BFloat16* const* xs, int64_t in, const at::BFloat16* a, int64_t r, float* h) {
+  constexpr int KB = down_chains(NB);
+  const int64_t pairs = (r + 1) / 2;
+  uint16_t* hb = reinterpret_cast<uint16_t*>(h);
+  int64_t k = 0;
+  for (; k + KB <= r; k += KB) down_ranks<NB, KB>(xs, in, a, k, pairs, hb);
+  for (; k < r; ++k) down_ranks<NB, 1>(xs, in, a, k, pairs, hb);
+  if (r % 2)
+    for (int n = 0; n < NB; ++n) hb[n * pairs * 2 + r] = 0;   // the odd rank's missing partner
+}
+
+// 8 columns of a row's delta (w of them real): into y with one rounding, or kept in float32 (deferred).
+inline void put8(const Sink<at::BFloat16>& sink, int n, int64_t j, __m256 acc, int64_t w) {
+  if (sink.ds == nullptr) {
+    uint16_t* y = reinterpret_cast<uint16_t*>(sink.ys[n] + j);
+    const __m256 old = w == 8 ? loraserve::widen8(y) : loraserve::widen8_partial(y, w);
+    loraserve::store8_bf16(y, _mm256_add_ps(old, acc), w);
+  } else if (w == 8) {
+    _mm256_storeu_ps(sink.ds[n] + j, acc);
+  } else {
+    float buf[8];
+    _mm256_storeu_ps(buf, acc);
+    std::copy(buf, buf + w, sink.ds[n] + j);
+  }
+}
+
+// Up-projection for the half tiles (8 columns) h0..h0+HB-1: a tile's pairs hold its 16 columns as
+// (k even, k odd) in each 32-bit lane, the first 8 columns in the first 32 bytes.
+template <int NB, int HB>
+void up_halves_of(const char* hp, const at::BFloat16* bt, int64_t pairs, int64_t out, int64_t h0,
+                  const Sink<at::BFloat16>& sink) {
+  __m256 acc[NB][HB];
+  for (int n = 0; n < NB; ++n)
+    for (int q = 0; q < HB; ++q) acc[n][q] = _mm256_setzero_ps();
+  for (int64_t p = 0; p < pairs; ++p) {
+    __m256 we[HB], wo[HB];
+    for (int q = 0; q < HB; ++q) {
+      const int64_t half = h0 + q;
+      const at::BFloat16* bq = bt + ((half / 2) * pairs + p) * 2 * W + (half % 2) * W;
+      if (half % 2 == 0) __builtin_prefetch(bq + PREFETCH);
+      const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(bq));
+      we[q] = loraserve::pair_even(v);
+      wo[q] = loraserve::pair_odd(v);
+    }
+    for (int n = 0; n < NB; ++n) {
+      int32_t pair;
+      std::memcpy(&pair, hp + (n * pairs + p) * 4, 4);
+      const __m256i pv = _mm256_set1_epi32(pair);
+      const __m256 he = loraserve::pair_even(pv), ho = loraserve::pair_odd(pv);
+      for (int q = 0; q < HB; ++q) acc[n][q] = _mm256_fmadd_ps(ho, wo[q], _mm256_fmadd_ps(he, we[q], acc[n][q]));
+    }
+  }
+  for (int n = 0; n < NB; ++n)
+    for (int q = 0; q < HB; ++q) {
+      const int64_t j = (h0 + q) * 8;
+      put8(sink, n, j, acc[n][q], std::min<int64_t>(8, out - j));
+    }
+}
+
+template <int NB>
+void up_proj(const float* h, const at::BFloat16* bt, int64_t r, int64_t out, const Sink<at::BFloat16>& sink) {
+  constexpr int HB = up_halves(NB);
+  const int64_t pairs = (r + 1) / 2, halves = (out + 7) / 8;
+  const char* hp = reinterpret_cast<const char*>(h);  // the down-projection's bf16 pairs
+  int64_t q = 0;
+  for (; q + HB <= halves; q += HB) up_halves_of<NB, HB>(hp, bt, pairs, out, q, sink);
+  for (; q < halves; ++q) up_halves_of<NB, 1>(hp, bt, pairs, out, q, sink);
 }
 constexpr bool kBf16Dot = true;
 #else
@@ -525,6 +638,19 @@ void add_deltas(const DeltaJob& job, const float* delta, T* yp, int64_t y_stride
     for (int n = 0; n < blk.nb; ++n) {
       T* y = yp + blk.rows[n] * y_stride;
       const float* d = delta + blk.rows[n] * job.d_cols;
+#if !defined(__AVX512BF16__) && defined(__AVX2__) && defined(__FMA__) && !defined(NO_DOT)
+      if constexpr (std::is_same_v<T, at::BFloat16>) {    // 8 columns at a time, as put8 adds them
+        const Sink<T> sink{&y, nullptr};
+        for (size_t g = 0; g < job.cols.size(); ++g)
+          for (int64_t j = 0; j < job.outs[g]; j += 8) {
+            const int64_t c = job.cols[g] + j, w = std::min<int64_t>(8, job.outs[g] - j);
+            float part[8] = {};
+            std::copy(d + c, d + c + w, part);
+            put8(sink, 0, c, _mm256_loadu_ps(w == 8 ? d + c : part), w);
+          }
+        continue;
+      }
+#endif
       for (size_t g = 0; g < job.cols.size(); ++g)
         for (int64_t j = 0; j < job.outs[g]; j += W) {
           const int64_t c = job.cols[g] + j, w = std::min<int64_t>(W, job.outs[g] - j);
