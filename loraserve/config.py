@@ -11,7 +11,8 @@ class EngineConfig:
     device: str = "auto"                    # auto | cpu | cuda
     max_model_len: int | None = None        # defaults to the model's max_position_embeddings
     max_num_seqs: int = 64                  # sequences in the running batch at once
-    max_num_batched_tokens: int = 512       # tokens in one packed forward (chunked-prefill budget)
+    max_num_batched_tokens: int | None = None   # tokens in one packed forward (chunked-prefill budget); None: the
+                                                # engine's default for its hardware (LLMEngine.token_budget)
     block_size: int = 16                    # tokens per KV-cache block
     num_kv_blocks: int | None = None        # None: sized from kv_cache_memory_gb
     kv_cache_memory_gb: float = 2.0

@@ -180,3 +180,13 @@ def test_a_failing_idle_measurement_never_stops_the_loop(caplog):
             await ae.shutdown()
     asyncio.run(main())
     assert "measuring adapters' effect failed" in caplog.text
+
+
+def test_token_budget_default_follows_the_gemm_and_a_set_one_wins():
+    from types import SimpleNamespace
+    assert LLMEngine._default_token_budget(None) == 512                      # oneDNN, float32, CUDA
+    assert LLMEngine._default_token_budget(SimpleNamespace(path="avx512_bf16")) == 512
+    assert LLMEngine._default_token_budget(SimpleNamespace(path="avx2_fma")) == 128
+    assert engine().scheduler.max_num_batched_tokens == 16                    # set: used as it is
+    e = engine(max_num_batched_tokens=None)                                   # float32 tiny model: no GEMM kernel
+    assert e.token_budget == 512 and e.scheduler.max_num_batched_tokens == 512

@@ -137,6 +137,7 @@ constexpr const char* kPath = "avx512_bf16";
 
 struct Gemm {
   static constexpr int64_t kTiles = TILES;   // tiles per block: the unit the threads share
+  static constexpr int64_t kRuns = 4;        // runs shared with the helper; 8 was no better served (bench/README.md)
   const uint16_t* xp;
   int64_t M, K;
   const uint16_t* wp;
@@ -213,6 +214,9 @@ constexpr const char* kPath = "avx2_fma";
 
 struct Gemm {
   static constexpr int64_t kTiles = 1;       // one tile per block: 16 columns
+  // Runs shared with the helper: bound by arithmetic here, a mixed step's GEMM is shared evenly only in
+  // short runs (the helper starts on the GEMM once it has done the multi-LoRA deltas posted before it).
+  static constexpr int64_t kRuns = 16;
   const uint16_t* xp;
   int64_t M, K;
   const uint16_t* wp;
@@ -265,10 +269,9 @@ struct Gemm {
 
 #if defined(__AVX512BF16__) || (defined(__AVX2__) && defined(__FMA__))
 // With one torch thread and the helper on (set_helper: the engine's choice, engine/llm_engine.py), the helper
-// thread (helper_thread.h) shares the columns: CHUNKS runs of column blocks, each read front to back, so
+// thread (helper_thread.h) shares the columns: Gemm::kRuns runs of column blocks, each read front to back, so
 // the next-block prefetch inside a run stays useful. Which thread computes a column changes none of its
 // bits. Served on 2 cores it took base SmolLM2 from ~585 to ~735 tok/s (bench/README.md).
-constexpr int64_t CHUNKS = 4;      // 8 was no better served (bench/README.md)
 
 torch::Tensor linear(const torch::Tensor& x_in, const torch::Tensor& packed, int64_t out_features,
                      const c10::optional<torch::Tensor>& bias_in) {
@@ -297,7 +300,7 @@ torch::Tensor linear(const torch::Tensor& x_in, const torch::Tensor& packed, int
   Gemm gemm{xp, M, K, wp, KP, NT, bp, yp, N};
   gemm.prepare();
   // Threads split the columns only: each element is still summed by one lane, in one order.
-  loraserve::parallel_runs(blocks, CHUNKS, [&](int64_t b0, int64_t b1) { gemm.blocks(b0, b1); });
+  loraserve::parallel_runs(blocks, Gemm::kRuns, [&](int64_t b0, int64_t b1) { gemm.blocks(b0, b1); });
   return y;
 }
 
