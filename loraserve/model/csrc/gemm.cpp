@@ -41,6 +41,17 @@ void check_packed(const torch::Tensor& packed) {
 
 }  // namespace
 
+// One linear call's operands: x [M, K], the packed weight (KP k-pairs, NT tiles), bias, y [M, N].
+struct GemmArgs {
+  const uint16_t* xp;
+  int64_t M, K;
+  const uint16_t* wp;
+  int64_t KP, NT;
+  const uint16_t* bp;
+  uint16_t* yp;
+  int64_t N;
+};
+
 #if defined(__AVX512BF16__)
 namespace {
 
@@ -135,16 +146,9 @@ void rows(const uint16_t* x, int64_t M, int64_t K, const uint16_t* w, int64_t KP
 
 constexpr const char* kPath = "avx512_bf16";
 
-struct Gemm {
+struct Gemm : GemmArgs {
   static constexpr int64_t kTiles = TILES;   // tiles per block: the unit the threads share
   static constexpr int64_t kRuns = 4;        // runs shared with the helper; 8 was no better served (bench/README.md)
-  const uint16_t* xp;
-  int64_t M, K;
-  const uint16_t* wp;
-  int64_t KP, NT;
-  const uint16_t* bp;
-  uint16_t* yp;
-  int64_t N;
 
   void prepare() {}                          // vdpbf16ps reads x as it is
 
@@ -212,18 +216,11 @@ void tile_rows(const float* x, int64_t KP, const uint16_t* wt, const uint16_t* b
 
 constexpr const char* kPath = "avx2_fma";
 
-struct Gemm {
+struct Gemm : GemmArgs {
   static constexpr int64_t kTiles = 1;       // one tile per block: 16 columns
   // Runs shared with the helper: bound by arithmetic here, a mixed step's GEMM is shared evenly only in
   // short runs (the helper starts on the GEMM once it has done the multi-LoRA deltas posted before it).
   static constexpr int64_t kRuns = 16;
-  const uint16_t* xp;
-  int64_t M, K;
-  const uint16_t* wp;
-  int64_t KP, NT;
-  const uint16_t* bp;
-  uint16_t* yp;
-  int64_t N;
   const float* xf = nullptr;
 
   // x widened to float32 once per call (rows of 2 * KP, an odd K's pad zero), for the broadcasts.
@@ -297,7 +294,7 @@ torch::Tensor linear(const torch::Tensor& x_in, const torch::Tensor& packed, int
   auto* yp = reinterpret_cast<uint16_t*>(y.data_ptr());
   const auto* bp = bias.defined() ? reinterpret_cast<const uint16_t*>(bias.data_ptr()) : nullptr;
   const int64_t blocks = (NT + Gemm::kTiles - 1) / Gemm::kTiles;
-  Gemm gemm{xp, M, K, wp, KP, NT, bp, yp, N};
+  Gemm gemm{{xp, M, K, wp, KP, NT, bp, yp, N}};
   gemm.prepare();
   // Threads split the columns only: each element is still summed by one lane, in one order.
   loraserve::parallel_runs(blocks, Gemm::kRuns, [&](int64_t b0, int64_t b1) { gemm.blocks(b0, b1); });

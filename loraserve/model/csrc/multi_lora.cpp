@@ -162,6 +162,7 @@ void down_proj(const float* const* xs, int64_t in, const T* a, int64_t r, float*
 // of each vdpbf16ps. Every chain sees the same operations in the same order however many run beside
 // it, so grouping never changes a row's result.
 constexpr int chains(int nb) { return nb >= 8 ? 2 : 8 / nb; }
+constexpr int down_chains(int nb) { return chains(nb); }
 
 // h for ranks k0..k0+KB-1, written as bf16 (rounded, as PEFT's bf16 lora_A output is) at
 // hb[n * 2 * ceil(r / 2) + k]: the up-projection reads them in pairs.
@@ -196,18 +197,6 @@ void down_ranks(const at::BFloat16* const* xs, int64_t in, const at::BFloat16* a
     for (int q = 0; q < KB; ++q) {
       hb[n * pairs * 2 + k0 + q] = at::BFloat16(hsum(acc[n][q])).x;   // __m512 is a vf: no copy
     }
-}
-
-template <int NB>
-void down_proj(const at::BFloat16* const* xs, int64_t in, const at::BFloat16* a, int64_t r, float* h) {
-  constexpr int KB = chains(NB);
-  const int64_t pairs = (r + 1) / 2;
-  uint16_t* hb = reinterpret_cast<uint16_t*>(h);
-  int64_t k = 0;
-  for (; k + KB <= r; k += KB) down_ranks<NB, KB>(xs, in, a, k, pairs, hb);
-  for (; k < r; ++k) down_ranks<NB, 1>(xs, in, a, k, pairs, hb);
-  if (r % 2)
-    for (int n = 0; n < NB; ++n) hb[n * pairs * 2 + r] = 0;   // the odd rank's missing partner
 }
 
 // Up-projection for tiles t0..t0+TB-1 with vdpbf16ps: h comes as bf16 pairs and each tile holds B in
@@ -292,18 +281,6 @@ void down_ranks(const at::BFloat16* const* xs, int64_t in, const at::BFloat16* a
     for (int q = 0; q < KB; ++q) hb[n * pairs * 2 + k0 + q] = at::BFloat16(hsum8(acc[n][q])).x;
 }
 
-template <int NB>
-void down_proj(const at::BFloat16* const* xs, int64_t in, const at::BFloat16* a, int64_t r, float* h) {
-  constexpr int KB = down_chains(NB);
-  const int64_t pairs = (r + 1) / 2;
-  uint16_t* hb = reinterpret_cast<uint16_t*>(h);
-  int64_t k = 0;
-  for (; k + KB <= r; k += KB) down_ranks<NB, KB>(xs, in, a, k, pairs, hb);
-  for (; k < r; ++k) down_ranks<NB, 1>(xs, in, a, k, pairs, hb);
-  if (r % 2)
-    for (int n = 0; n < NB; ++n) hb[n * pairs * 2 + r] = 0;   // the odd rank's missing partner
-}
-
 // 8 columns of a row's delta (w of them real): into y with one rounding, or kept in float32 (deferred).
 inline void put8(const Sink<at::BFloat16>& sink, int n, int64_t j, __m256 acc, int64_t w) {
   if (sink.ds == nullptr) {
@@ -364,6 +341,22 @@ void up_proj(const float* h, const at::BFloat16* bt, int64_t r, int64_t out, con
 constexpr bool kBf16Dot = true;
 #else
 constexpr bool kBf16Dot = false;
+#endif
+
+#if (defined(__AVX512BF16__) || (defined(__AVX2__) && defined(__FMA__))) && !defined(NO_DOT)
+// h = A x for NB rows of one adapter, as bf16 pairs (hb[n * 2 * ceil(r / 2) + k]), down_chains(NB) ranks
+// at a time: the up-projection reads them in pairs.
+template <int NB>
+void down_proj(const at::BFloat16* const* xs, int64_t in, const at::BFloat16* a, int64_t r, float* h) {
+  constexpr int KB = down_chains(NB);
+  const int64_t pairs = (r + 1) / 2;
+  uint16_t* hb = reinterpret_cast<uint16_t*>(h);
+  int64_t k = 0;
+  for (; k + KB <= r; k += KB) down_ranks<NB, KB>(xs, in, a, k, pairs, hb);
+  for (; k < r; ++k) down_ranks<NB, 1>(xs, in, a, k, pairs, hb);
+  if (r % 2)
+    for (int n = 0; n < NB; ++n) hb[n * pairs * 2 + r] = 0;   // the odd rank's missing partner
+}
 #endif
 
 // Up-projection for the same rows: y[n] += Bt^T h[n], W output columns at a time, rounded once.
