@@ -1,4 +1,5 @@
-// bf16 linear layers on CPUs with AVX512-BF16: y = x W^T (+ bias), float32 accumulation, one rounding.
+// bf16 linear layers on CPUs with AVX512-BF16, or with AVX2 and FMA (a second path below, on the same
+// packed weights): y = x W^T (+ bias), float32 accumulation, one rounding.
 //
 // At decode batch sizes (a few to a few dozen rows) oneDNN's bf16 GEMM runs far below this core's rate:
 // a batch-16 SmolLM2 step spent ~20 ms in it, ~215 GFLOP/s where a 2048^3 GEMM reaches ~500. This kernel

@@ -11,7 +11,8 @@
 //     decode the kernel is bound by reading the adapters: 78 MB a step for 8 SmolLM2 adapters);
 //   - B is passed in tiles of 16 output columns (lora/fused.py column_tiles), one contiguous stream;
 //   - bf16 on CPUs with AVX512-BF16 multiplies with vdpbf16ps, with h = A x rounded to bf16 as PEFT's
-//     bf16 lora_A output is; float32 (and bf16 elsewhere) widens to float32 and uses FMAs.
+//     bf16 lora_A output is; on CPUs with AVX2 and FMA only, the same layouts and rounding with each bf16
+//     widened (exactly) and FMAs; float32 (and bf16 elsewhere) widens to float32 and uses FMAs.
 // Each row has its own accumulators and sees the same operations in the same order whatever block it
 // is in, so a row's result never depends on its neighbours (tests/test_multi_lora_kernel.py checks it);
 // base rows (slot < 0) are not touched at all. Group.start / finish run the same deltas on the helper
@@ -638,7 +639,7 @@ void add_deltas(const DeltaJob& job, const float* delta, T* yp, int64_t y_stride
           for (int64_t j = 0; j < job.outs[g]; j += 8) {
             const int64_t c = job.cols[g] + j, w = std::min<int64_t>(8, job.outs[g] - j);
             float part[8] = {};
-            std::copy(d + c, d + c + w, part);
+            if (w < 8) std::copy(d + c, d + c + w, part);
             put8(sink, 0, c, _mm256_loadu_ps(w == 8 ? d + c : part), w);
           }
         continue;
