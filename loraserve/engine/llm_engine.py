@@ -114,7 +114,7 @@ class LLMEngine:
         in its step, and a burst of prompts gets its first tokens in two lumps; smaller chunks spread them,
         and the requests that follow arrive spread too: served TTFT p50 1.57 -> 0.76 s, 145 -> 161 tok/s
         (bench/README.md)."""
-        return 128 if gemm is not None and getattr(gemm, "path", "") == "avx2_fma" else 512
+        return 128 if gemm is not None and gemm.path == "avx2_fma" else 512
 
     def _lean_decoder(self, config: EngineConfig) -> LeanDecoder | None:
         """model/decoder.py's flat forward where the model is one it reproduces (logged either way)."""

@@ -8,10 +8,10 @@ results are bit-identical to `F.linear` (tests/test_cpu_gemm.py checks it over m
 
 On CPUs with AVX512-BF16 the engine passes the C++ GEMM (model/csrc/gemm.cpp, `kernels.gemm()`)
 instead: 1.55x oneDNN's speed at 16 rows (bench/gemm.py). On CPUs with only AVX2 and FMA, where oneDNN
-has no bf16 GEMM at all, the same kernel's AVX2 path is the only packed one. Its results can differ from oneDNN's in the
-last bit (another summation order), but each element is one float32 sum in a fixed order, so a row's
-result never depends on the rest of the batch, nor a column's on the columns stacked beside it:
-isolation holds on either backend. `add_linear` (the PyTorch LoRA path's B GEMMs) is oneDNN's only.
+has no bf16 GEMM at all, the same kernel's AVX2 path is the only packed one. Its results can differ
+from oneDNN's in the last bit (another summation order), but each element is one float32 sum in a fixed
+order, so a row's result never depends on the rest of the batch, nor a column's on the columns stacked
+beside it: isolation holds on either backend. `add_linear` (the PyTorch LoRA path's B GEMMs) is oneDNN's only.
 
 The plain weight stays: tied embeddings, LoRA's stacked groups and DoRA's norms read it. A packed copy
 follows its source: it is rebuilt when the weight is replaced or changed in place."""
@@ -46,7 +46,7 @@ class PackedWeight:
 
     def __init__(self, settle_calls: int = 0, kernel: object | None = None) -> None:
         self.settle_calls = settle_calls
-        self.kernel = kernel                 # kernels.gemm() (AVX512-BF16 CPUs), or None for oneDNN
+        self.kernel = kernel                 # kernels.gemm() (AVX512-BF16 or AVX2 CPUs), or None for oneDNN
         self.source: torch.Tensor | None = None
         self.version = -1
         self.packed: torch.Tensor | None = None
