@@ -174,8 +174,8 @@ namespace {
 // of a float32), multiplied by float32 broadcasts of x with FMAs. Each output element is one
 // accumulator lane that adds k = 0, 1, ..., K - 1 in order (one FMA each: a bf16 product is exact in
 // float32, so each step rounds once, as vdpbf16ps does), whatever rows or columns share its block.
-constexpr int ROWS2 = 4;   // 4 rows x 2 halves of a tile: 8 accumulators + 2 weights + 1 broadcast + the odd-k
-                           // mask of 16 ymm (6 rows spilled accumulators to the stack: 44 -> 54 GFLOP/s a core)
+constexpr int ROWS2 = 4;   // 4 rows x 2 halves of a tile: 8 accumulators + the loaded weights, their float32
+                           // form, a broadcast and the odd-k mask of 16 ymm (5 or 6 rows: slower, spills)
 
 // y[m][col .. col + 16) for MB rows over one tile's k-pairs; x holds float32 rows of 2 * KP (zero pad).
 template <int MB>
@@ -184,21 +184,18 @@ void tile_rows(const float* x, int64_t KP, const uint16_t* wt, const uint16_t* b
   __m256 acc[MB][2];
   for (int m = 0; m < MB; ++m) acc[m][0] = acc[m][1] = _mm256_setzero_ps();
   const int64_t KX = 2 * KP;
+  // Half by half: one 32-byte load, its even k against every row, then its odd k. Only one weight
+  // register is live at a time (both halves' loads held at once: 54 -> 64 GFLOP/s a core, bench/gemm.py);
+  // each accumulator still adds k = 2kp, then 2kp + 1, as before.
   for (int64_t kp = 0; kp < KP; ++kp) {
-    const __m256i lo = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wt + kp * TILE * 2));
-    const __m256i hi = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wt + kp * TILE * 2 + TILE));
-    __m256 w0 = loraserve::pair_even(lo), w1 = loraserve::pair_even(hi);
-    for (int m = 0; m < MB; ++m) {
-      const __m256 b = _mm256_broadcast_ss(x + m * KX + 2 * kp);
-      acc[m][0] = _mm256_fmadd_ps(b, w0, acc[m][0]);
-      acc[m][1] = _mm256_fmadd_ps(b, w1, acc[m][1]);
-    }
-    w0 = loraserve::pair_odd(lo);
-    w1 = loraserve::pair_odd(hi);
-    for (int m = 0; m < MB; ++m) {
-      const __m256 b = _mm256_broadcast_ss(x + m * KX + 2 * kp + 1);
-      acc[m][0] = _mm256_fmadd_ps(b, w0, acc[m][0]);
-      acc[m][1] = _mm256_fmadd_ps(b, w1, acc[m][1]);
+    for (int h = 0; h < 2; ++h) {
+      const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wt + kp * TILE * 2 + h * 8 * 2));
+      const __m256 we = loraserve::pair_even(v);
+      for (int m = 0; m < MB; ++m)
+        acc[m][h] = _mm256_fmadd_ps(_mm256_broadcast_ss(x + m * KX + 2 * kp), we, acc[m][h]);
+      const __m256 wo = loraserve::pair_odd(v);
+      for (int m = 0; m < MB; ++m)
+        acc[m][h] = _mm256_fmadd_ps(_mm256_broadcast_ss(x + m * KX + 2 * kp + 1), wo, acc[m][h]);
     }
   }
   const int64_t width = std::min<int64_t>(TILE, N - col);
