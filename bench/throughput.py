@@ -18,6 +18,7 @@ import copy
 import json
 import os
 import platform
+import statistics
 import signal
 import socket
 import subprocess
@@ -194,8 +195,9 @@ def main() -> None:
         servers["vllm_base"] = lambda: vllm_scenario(base_dir, {}, args)
         servers["vllm_8_adapters"] = lambda: vllm_scenario(base_dir, adapters, args)
     runs: dict[str, list[dict]] = {name: [] for name in servers}
-    for _ in range(args.repeats):            # round-robin, so slow spells of a shared machine hit all alike
-        for name, run in servers.items():
+    for i in range(args.repeats):            # round-robin, so slow spells of a shared machine hit all alike,
+        order = list(servers.items())        # in reverse every other time, so neither runs first in every pair
+        for name, run in order if i % 2 == 0 else order[::-1]:
             runs[name].append(run())
     for name, results_ in runs.items():      # the median run by throughput, with every run's figure beside it
         ordered = sorted(results_, key=lambda r: r["output_tok_s"])
@@ -208,6 +210,11 @@ def main() -> None:
         s["hf_generate_8_adapters"] = hf_generate_scenario(base_dir, adapters, args)
     base = s["loraserve_base"]["output_tok_s"]
     ratios = {"loraserve_mixed_over_base": s["loraserve_8_adapters"]["output_tok_s"] / base}
+    # Each repeat's mixed run over its own base run (minutes apart at most): the figure a noisy host spoils least.
+    paired = sorted(m["output_tok_s"] / b["output_tok_s"] for b, m in zip(runs["loraserve_base"],
+                                                                           runs["loraserve_8_adapters"]))
+    ratios["loraserve_mixed_over_base_paired_median"] = statistics.median(paired)
+    ratios["loraserve_mixed_over_base_paired"] = paired
     if not args.skip_hf:
         ratios["loraserve_base_over_hf_generate"] = base / s["hf_generate_base"]["output_tok_s"]
     if args.vllm_python:

@@ -240,14 +240,24 @@ void up_proj(const float* h, const at::BFloat16* bt, int64_t r, int64_t out, con
   for (; t < tiles; ++t) up_tiles<NB, 1>(hp, bt, pairs, out, t, sink);
 }
 constexpr bool kBf16Dot = true;
+constexpr bool kDotWidensX = false;   // vdpbf16ps reads x's bf16 as they are
+using DotX = at::BFloat16;
+using DotH = uint16_t;
 #elif defined(__AVX2__) && defined(__FMA__) && !defined(NO_DOT)
-// bf16 on CPUs with AVX2 and FMA but no AVX512-BF16 (AMD Zen 2/3, older Intel): the layouts, the order of
-// the sums and h's rounding to bf16 of the path above, 8 lanes at a time, each bf16 widened to float32
-// (exactly) and multiplied with FMAs (a bf16 product is exact in float32: each step rounds once, as a
-// vdpbf16ps step does). The generic path below widens through 64-byte vectors that AVX2 compilers spill
-// to the stack: 8 SmolLM2 adapters took ~45 ms a step there.
-constexpr int down_chains(int nb) { return nb >= 8 ? 1 : nb >= 4 ? 2 : 4; }   // NB x KB + KB + 1 of 16 ymm
-constexpr int up_halves(int nb) { return nb >= 8 ? 1 : nb >= 4 ? 2 : nb >= 2 ? 3 : 4; }
+// bf16 on CPUs with AVX2 and FMA but no AVX512-BF16 (AMD Zen 2/3, older Intel): the B layout and h's
+// rounding to bf16 of the path above, 8 float32 lanes at a time. A 32-byte load of bf16 holds 16 values;
+// its even ones shifted up and its odd ones masked are those values in float32 (exactly: bf16 is the top
+// half of a float32), two integer operations for 16 values, and each product is one FMA (a bf16 product
+// is exact in float32: each step rounds once). x is widened once per call, in the order those loads
+// pair it with A (split_row), and h is kept as float32 (rounded to bf16 first) for the up-projection's
+// broadcasts, so no operand is widened more than once. (The generic path below widens through 64-byte
+// vectors that AVX2 compilers spill to the stack: 8 SmolLM2 adapters took ~45 ms a step there. Widening
+// A and x per use, 8 values at a time, took ~10% longer a mixed step than this, bench/README.md.)
+constexpr int down_chains(int nb) { return nb >= 8 ? 1 : 8 / nb; }   // 8 accumulator chains, 11 of 16 ymm
+constexpr int up_halves(int nb) { return nb >= 8 ? 1 : nb >= 4 ? 2 : nb >= 2 ? 4 : 8; }   // 8 accumulators
+constexpr bool kDotWidensX = true;
+using DotX = float;
+using DotH = float;
 
 inline const uint16_t* bits(const at::BFloat16* p) { return reinterpret_cast<const uint16_t*>(p); }
 
@@ -256,30 +266,55 @@ inline float hsum8(__m256 v) {
   return (a[0] + a[2]) + (a[1] + a[3]);
 }
 
-// h for ranks k0..k0+KB-1 as bf16 pairs, as the vdpbf16ps down_ranks writes them.
+// A bf16 row widened for down_ranks: each 16 values as their 8 even then their 8 odd ones, zero-padded
+// to a multiple of 16 (dst holds that many).
+inline void split_row(const at::BFloat16* row, int64_t in, float* dst) {
+  for (int64_t i = 0; i < in; i += 16) {
+    uint16_t buf[16] = {};
+    const uint16_t* src = bits(row + i);
+    if (in - i < 16) {
+      std::memcpy(buf, src, (in - i) * sizeof(uint16_t));
+      src = buf;
+    }
+    const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(src));
+    _mm256_storeu_ps(dst + i, loraserve::pair_even(v));
+    _mm256_storeu_ps(dst + i + 8, loraserve::pair_odd(v));
+  }
+}
+
+// h for ranks k0..k0+KB-1 (rounded to bf16, kept in float32) at h[n * 2 * ceil(r / 2) + k]: lane j of
+// each chain adds x[16c + 2j] A[16c + 2j], then x[16c + 2j + 1] A[16c + 2j + 1], for c = 0, 1, ...; the
+// lanes are summed as a fixed tree. xs[n]: split_row of row n.
 template <int NB, int KB>
-void down_ranks(const at::BFloat16* const* xs, int64_t in, const at::BFloat16* a, int64_t k0, int64_t pairs,
-                uint16_t* hb) {
-  const int64_t full = in / 8 * 8;
+void down_ranks(const float* const* xs, int64_t in, const at::BFloat16* a, int64_t k0, int64_t pairs, float* h) {
   __m256 acc[NB][KB];
   for (int n = 0; n < NB; ++n)
     for (int q = 0; q < KB; ++q) acc[n][q] = _mm256_setzero_ps();
-  auto step = [&](int64_t i, int64_t w) {
-    __m256 av[KB];
+  // 16 inputs at i of ranks k0.. (rows of a, `stride` apart), against the split rows of x.
+  auto chunk = [&](const uint16_t* ak, int64_t stride, int64_t i) {
     for (int q = 0; q < KB; ++q) {
-      const uint16_t* ak = bits(a + (k0 + q) * in + i);
-      if (w == 8 && i % 32 == 0) __builtin_prefetch(ak + PREFETCH);     // one request per cache line
-      av[q] = w == 8 ? loraserve::widen8(ak) : loraserve::widen8_partial(ak, w);
-    }
-    for (int n = 0; n < NB; ++n) {
-      const __m256 xv = w == 8 ? loraserve::widen8(bits(xs[n] + i)) : loraserve::widen8_partial(bits(xs[n] + i), w);
-      for (int q = 0; q < KB; ++q) acc[n][q] = _mm256_fmadd_ps(xv, av[q], acc[n][q]);
+      const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(ak + q * stride));
+      const __m256 even = loraserve::pair_even(v);
+      for (int n = 0; n < NB; ++n) acc[n][q] = _mm256_fmadd_ps(_mm256_loadu_ps(xs[n] + i), even, acc[n][q]);
+      const __m256 odd = loraserve::pair_odd(v);
+      for (int n = 0; n < NB; ++n) acc[n][q] = _mm256_fmadd_ps(_mm256_loadu_ps(xs[n] + i + 8), odd, acc[n][q]);
     }
   };
-  for (int64_t i = 0; i < full; i += 8) step(i, 8);
-  if (full < in) step(full, in - full);
+  const uint16_t* ak = bits(a + k0 * in);
+  const int64_t full = in / 16 * 16;
+  for (int64_t i = 0; i < full; i += 16) {
+    if (i % 32 == 0)                                          // one request per cache line and row
+      for (int q = 0; q < KB; ++q) __builtin_prefetch(ak + q * in + i + PREFETCH);
+    chunk(ak + i, in, i);
+  }
+  if (full < in) {                                            // the last in % 16 inputs, zero-padded
+    uint16_t tail[KB][16] = {};
+    for (int q = 0; q < KB; ++q) std::memcpy(tail[q], ak + q * in + full, (in - full) * sizeof(uint16_t));
+    chunk(tail[0], 16, full);
+  }
   for (int n = 0; n < NB; ++n)
-    for (int q = 0; q < KB; ++q) hb[n * pairs * 2 + k0 + q] = at::BFloat16(hsum8(acc[n][q])).x;
+    for (int q = 0; q < KB; ++q)
+      h[n * pairs * 2 + k0 + q] = static_cast<float>(at::BFloat16(hsum8(acc[n][q])));
 }
 
 // 8 columns of a row's delta (w of them real): into y with one rounding, or kept in float32 (deferred).
@@ -298,29 +333,26 @@ inline void put8(const Sink<at::BFloat16>& sink, int n, int64_t j, __m256 acc, i
 }
 
 // Up-projection for the half tiles (8 columns) h0..h0+HB-1: a tile's pairs hold its 16 columns as
-// (k even, k odd) in each 32-bit lane, the first 8 columns in the first 32 bytes.
+// (k even, k odd) in each 32-bit lane, the first 8 columns in the first 32 bytes. Each accumulator adds,
+// pair by pair, h[2p] B[2p] then h[2p + 1] B[2p + 1], as vdpbf16ps does.
 template <int NB, int HB>
-void up_halves_of(const char* hp, const at::BFloat16* bt, int64_t pairs, int64_t out, int64_t h0,
+void up_halves_of(const float* h, const at::BFloat16* bt, int64_t pairs, int64_t out, int64_t h0,
                   const Sink<at::BFloat16>& sink) {
   __m256 acc[NB][HB];
   for (int n = 0; n < NB; ++n)
     for (int q = 0; q < HB; ++q) acc[n][q] = _mm256_setzero_ps();
   for (int64_t p = 0; p < pairs; ++p) {
-    __m256 we[HB], wo[HB];
     for (int q = 0; q < HB; ++q) {
       const int64_t half = h0 + q;
       const at::BFloat16* bq = bt + ((half / 2) * pairs + p) * 2 * W + (half % 2) * W;
       if (half % 2 == 0) __builtin_prefetch(bq + PREFETCH);
       const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(bq));
-      we[q] = loraserve::pair_even(v);
-      wo[q] = loraserve::pair_odd(v);
-    }
-    for (int n = 0; n < NB; ++n) {
-      int32_t pair;
-      std::memcpy(&pair, hp + (n * pairs + p) * 4, 4);
-      const __m256i pv = _mm256_set1_epi32(pair);
-      const __m256 he = loraserve::pair_even(pv), ho = loraserve::pair_odd(pv);
-      for (int q = 0; q < HB; ++q) acc[n][q] = _mm256_fmadd_ps(ho, wo[q], _mm256_fmadd_ps(he, we[q], acc[n][q]));
+      const __m256 even = loraserve::pair_even(v);
+      for (int n = 0; n < NB; ++n)
+        acc[n][q] = _mm256_fmadd_ps(_mm256_broadcast_ss(h + n * pairs * 2 + 2 * p), even, acc[n][q]);
+      const __m256 odd = loraserve::pair_odd(v);
+      for (int n = 0; n < NB; ++n)
+        acc[n][q] = _mm256_fmadd_ps(_mm256_broadcast_ss(h + n * pairs * 2 + 2 * p + 1), odd, acc[n][q]);
     }
   }
   for (int n = 0; n < NB; ++n)
@@ -334,24 +366,24 @@ template <int NB>
 void up_proj(const float* h, const at::BFloat16* bt, int64_t r, int64_t out, const Sink<at::BFloat16>& sink) {
   constexpr int HB = up_halves(NB);
   const int64_t pairs = (r + 1) / 2, halves = (out + 7) / 8;
-  const char* hp = reinterpret_cast<const char*>(h);  // the down-projection's bf16 pairs
   int64_t q = 0;
-  for (; q + HB <= halves; q += HB) up_halves_of<NB, HB>(hp, bt, pairs, out, q, sink);
-  for (; q < halves; ++q) up_halves_of<NB, 1>(hp, bt, pairs, out, q, sink);
+  for (; q + HB <= halves; q += HB) up_halves_of<NB, HB>(h, bt, pairs, out, q, sink);
+  for (; q < halves; ++q) up_halves_of<NB, 1>(h, bt, pairs, out, q, sink);
 }
 constexpr bool kBf16Dot = true;
 #else
 constexpr bool kBf16Dot = false;
+constexpr bool kDotWidensX = true;    // unused: no bf16 dot path
 #endif
 
 #if (defined(__AVX512BF16__) || (defined(__AVX2__) && defined(__FMA__))) && !defined(NO_DOT)
-// h = A x for NB rows of one adapter, as bf16 pairs (hb[n * 2 * ceil(r / 2) + k]), down_chains(NB) ranks
-// at a time: the up-projection reads them in pairs.
+// h = A x for NB rows of one adapter, ranks in pairs (h[n * 2 * ceil(r / 2) + k]: bf16 bits, or float32
+// on the AVX2 path), down_chains(NB) ranks at a time: the up-projection reads them in pairs.
 template <int NB>
-void down_proj(const at::BFloat16* const* xs, int64_t in, const at::BFloat16* a, int64_t r, float* h) {
+void down_proj(const DotX* const* xs, int64_t in, const at::BFloat16* a, int64_t r, float* h) {
   constexpr int KB = down_chains(NB);
   const int64_t pairs = (r + 1) / 2;
-  uint16_t* hb = reinterpret_cast<uint16_t*>(h);
+  DotH* hb = reinterpret_cast<DotH*>(h);
   int64_t k = 0;
   for (; k + KB <= r; k += KB) down_ranks<NB, KB>(xs, in, a, k, pairs, hb);
   for (; k < r; ++k) down_ranks<NB, 1>(xs, in, a, k, pairs, hb);
@@ -377,17 +409,40 @@ void up_proj(const float* h, const T* bt, int64_t r, int64_t out, const Sink<T>&
   }
 }
 
-// One member's delta for a block of NB rows. X is float (inputs widened) or T itself (bf16 dot).
+// Whether T's deltas run on this CPU's bf16 dot-product path (above) rather than the generic one.
+template <typename T>
+constexpr bool kDot = kBf16Dot && std::is_same_v<T, at::BFloat16>;
+
+// One member's delta for a block of NB rows. X is float (inputs widened: widen_row) or T itself (vdpbf16ps).
 template <typename T, typename X, int NB>
 void block_delta(const X* const* xs, int64_t in, const T* a, const T* bt, int64_t r, int64_t out,
                  const Sink<T>& sink, float* h) {
-  if constexpr (std::is_same_v<X, float>) {
-    down_proj<T, NB>(xs, in, a, r, h);
-    up_proj<T, NB>(h, bt, r, out, sink);
-  } else {
+  if constexpr (kDot<T>) {
     down_proj<NB>(xs, in, a, r, h);
     up_proj<NB>(h, bt, r, out, sink);
+  } else {
+    down_proj<T, NB>(xs, in, a, r, h);
+    up_proj<T, NB>(h, bt, r, out, sink);
   }
+}
+
+// Whether the kernel reads T rows of x as they are (vdpbf16ps) rather than widened to float32.
+template <typename T>
+constexpr bool kReadsX = kDot<T> && !kDotWidensX;
+
+// Row `row` of x widened for the kernel into dst (in rounded up to W floats, the rest zero): in order for
+// the generic path, in split_row's order for the AVX2 bf16 path.
+template <typename T>
+void widen_row(const T* row, int64_t in, float* dst) {
+#if !defined(__AVX512BF16__) && defined(__AVX2__) && defined(__FMA__) && !defined(NO_DOT)
+  if constexpr (kDot<T>) {
+    split_row(row, in, dst);
+    return;
+  }
+#endif
+  const int64_t in_pad = (in + W - 1) / W * W;
+  for (int64_t i = 0; i < in; ++i) dst[i] = static_cast<float>(row[i]);
+  std::fill(dst + in, dst + in_pad, 0.f);
 }
 
 template <typename T, typename X>
@@ -436,15 +491,15 @@ const std::vector<Block>& make_blocks(const int64_t* slots, int64_t n_rows, int6
   return blocks;
 }
 
-// Member (a, bt)'s delta for one block of rows, the inputs as they are (xr: the bf16 dot product) or widened
-// to float32 (xs), into the sink. Shared by the in-place apply and the deferred chunks.
+// Member (a, bt)'s delta for one block of rows, the inputs as they are (xr: vdpbf16ps) or widened to float32
+// (xs: widen_row), into the sink. Shared by the in-place apply and the deferred chunks.
 template <typename T>
 void member_block(const Block& blk, const T* const* xr, const float* const* xs, int64_t in, const at::Tensor& a,
                   const at::Tensor& bt, int64_t out, const Sink<T>& sink, float* h) {
   const int64_t r = a.size(1);
   const T* ag = a.data_ptr<T>() + blk.slot * r * in;
   const T* bg = bt.data_ptr<T>() + blk.slot * bt.stride(0);
-  if constexpr (kBf16Dot && std::is_same_v<T, at::BFloat16>) {
+  if constexpr (kReadsX<T>) {
     block_delta_any<T, T>(blk.nb, xr, in, ag, bg, r, out, sink, h);
   } else {
     block_delta_any<T, float>(blk.nb, xs, in, ag, bg, r, out, sink, h);
@@ -460,19 +515,15 @@ void apply_blocks(const at::Tensor& x, const std::vector<Block>& blocks, const s
   const T* xp = x.data_ptr<T>();
   int64_t rank = 0;
   for (const auto& ag : a) rank = std::max(rank, ag.size(1));
-  constexpr bool bf16_dot = kBf16Dot && std::is_same_v<T, at::BFloat16>;
   auto run = [&](int64_t begin, int64_t end) {
-    // Widened inputs of this range's rows (float path only), 8 rows per block.
+    // Widened inputs of this range's rows (unless read as they are), 8 rows per block.
     static thread_local std::vector<float> xf, h;      // reused: see make_blocks
-    xf.assign(bf16_dot ? 0 : (end - begin) * 8 * in_pad, 0.f);
-    h.resize(8 * std::max<int64_t>(rank, 1));
-    if constexpr (!bf16_dot) {
+    xf.resize(kReadsX<T> ? 0 : (end - begin) * 8 * in_pad);
+    h.resize(8 * (rank + 1));                        // an odd rank's h has a zero partner
+    if constexpr (!kReadsX<T>) {
       for (int64_t b = begin; b < end; ++b)
-        for (int n = 0; n < blocks[b].nb; ++n) {
-          const T* row = xp + blocks[b].rows[n] * in;
-          float* dst = xf.data() + ((b - begin) * 8 + n) * in_pad;
-          for (int64_t i = 0; i < in; ++i) dst[i] = static_cast<float>(row[i]);
-        }
+        for (int n = 0; n < blocks[b].nb; ++n)
+          widen_row(xp + blocks[b].rows[n] * in, in, xf.data() + ((b - begin) * 8 + n) * in_pad);
     }
     const float* xs[8];
     const T* xr[8];
@@ -501,10 +552,9 @@ template <typename T>
 void block_chunk(const at::Tensor& x, const Block& blk, const at::Tensor& a, const at::Tensor& bt, int64_t col,
                  int64_t out, float* dp, int64_t d_stride) {
   const int64_t in = x.size(1), in_pad = (in + W - 1) / W * W;
-  constexpr bool bf16_dot = kBf16Dot && std::is_same_v<T, at::BFloat16>;
   static thread_local std::vector<float> xf, h;          // reused: see make_blocks
-  xf.resize(bf16_dot ? 0 : 8 * in_pad);
-  h.resize(8 * std::max<int64_t>(a.size(1), 1));
+  xf.resize(kReadsX<T> ? 0 : 8 * in_pad);
+  h.resize(8 * (a.size(1) + 1));
   const T* xp = x.data_ptr<T>();
   const float* xs[8];
   const T* xr[8];
@@ -513,10 +563,7 @@ void block_chunk(const at::Tensor& x, const Block& blk, const at::Tensor& a, con
     xr[n] = xp + blk.rows[n] * in;
     xs[n] = xf.data() + n * in_pad;
     ds[n] = dp + blk.rows[n] * d_stride + col;
-    if constexpr (!bf16_dot) {
-      std::fill(xf.begin() + n * in_pad, xf.begin() + (n + 1) * in_pad, 0.f);
-      for (int64_t k = 0; k < in; ++k) xf[n * in_pad + k] = static_cast<float>(xr[n][k]);
-    }
+    if constexpr (!kReadsX<T>) widen_row(xr[n], in, xf.data() + n * in_pad);
   }
   member_block(blk, xr, xs, in, a, bt, out, Sink<T>{nullptr, ds}, h.data());
 }
