@@ -312,7 +312,9 @@ void down_ranks(const float* const* xs, int64_t in, const at::BFloat16* a, int64
     for (int q = 0; q < KB; ++q) std::memcpy(tail[q], ak + q * in + full, (in - full) * sizeof(uint16_t));
     chunk(tail[0], 16, full);
   }
+#pragma GCC unroll 8     // as in up_halves_of: no copy of acc on the stack
   for (int n = 0; n < NB; ++n)
+#pragma GCC unroll 8
     for (int q = 0; q < KB; ++q)
       h[n * pairs * 2 + k0 + q] = static_cast<float>(at::BFloat16(hsum8(acc[n][q])));
 }
@@ -355,7 +357,9 @@ void up_halves_of(const float* h, const at::BFloat16* bt, int64_t pairs, int64_t
         acc[n][q] = _mm256_fmadd_ps(_mm256_broadcast_ss(h + n * pairs * 2 + 2 * p + 1), odd, acc[n][q]);
     }
   }
+#pragma GCC unroll 8     // with every acc index a constant, no copy of acc is kept on the stack
   for (int n = 0; n < NB; ++n)
+#pragma GCC unroll 8
     for (int q = 0; q < HB; ++q) {
       const int64_t j = (h0 + q) * 8;
       put8(sink, n, j, acc[n][q], std::min<int64_t>(8, out - j));
