@@ -18,9 +18,9 @@ import copy
 import json
 import os
 import platform
-import statistics
 import signal
 import socket
+import statistics
 import subprocess
 import sys
 import time

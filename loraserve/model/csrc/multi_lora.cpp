@@ -334,6 +334,18 @@ inline void put8(const Sink<at::BFloat16>& sink, int n, int64_t j, __m256 acc, i
   }
 }
 
+// y[0:n] += d[0:n] with one rounding, 8 columns at a time as put8 adds them (the generic add_row's
+// 16-lane vectors would spill here): Group.finish's deferred deltas.
+inline void add_row(at::BFloat16* y, const float* d, int64_t n) {
+  const Sink<at::BFloat16> sink{&y, nullptr};
+  for (int64_t j = 0; j < n; j += 8) {
+    const int64_t w = std::min<int64_t>(8, n - j);
+    float part[8] = {};
+    if (w < 8) std::copy(d + j, d + j + w, part);
+    put8(sink, 0, j, _mm256_loadu_ps(w == 8 ? d + j : part), w);
+  }
+}
+
 // Up-projection for the half tiles (8 columns) h0..h0+HB-1: a tile's pairs hold its 16 columns as
 // (k even, k odd) in each 32-bit lane, the first 8 columns in the first 32 bytes. Each accumulator adds,
 // pair by pair, h[2p] B[2p] then h[2p + 1] B[2p + 1], as vdpbf16ps does.
@@ -675,32 +687,24 @@ struct DeltaJob {
   }
 };
 
-// y's rows of the job's blocks += their deltas, member by member, W columns at a time, as add_delta does in
-// the in-place apply.
+// y[0:n] += d[0:n] with one rounding, W columns at a time, as add_delta does in the in-place apply.
+template <typename T>
+void add_row(T* y, const float* d, int64_t n) {
+  for (int64_t j = 0; j < n; j += W) {
+    const int64_t w = std::min<int64_t>(W, n - j);
+    add_delta(y + j, w == W ? load(d + j) : load_partial(d + j, w), w);
+  }
+}
+
+// y's rows of the job's blocks += their deltas, member by member, each value rounded once (add_row), as the
+// in-place apply adds them.
 template <typename T>
 void add_deltas(const DeltaJob& job, const float* delta, T* yp, int64_t y_stride) {
   for (const Block& blk : job.blocks)
     for (int n = 0; n < blk.nb; ++n) {
       T* y = yp + blk.rows[n] * y_stride;
       const float* d = delta + blk.rows[n] * job.d_cols;
-#if !defined(__AVX512BF16__) && defined(__AVX2__) && defined(__FMA__) && !defined(NO_DOT)
-      if constexpr (std::is_same_v<T, at::BFloat16>) {    // 8 columns at a time, as put8 adds them
-        const Sink<T> sink{&y, nullptr};
-        for (size_t g = 0; g < job.cols.size(); ++g)
-          for (int64_t j = 0; j < job.outs[g]; j += 8) {
-            const int64_t c = job.cols[g] + j, w = std::min<int64_t>(8, job.outs[g] - j);
-            float part[8] = {};
-            if (w < 8) std::copy(d + c, d + c + w, part);
-            put8(sink, 0, c, _mm256_loadu_ps(w == 8 ? d + c : part), w);
-          }
-        continue;
-      }
-#endif
-      for (size_t g = 0; g < job.cols.size(); ++g)
-        for (int64_t j = 0; j < job.outs[g]; j += W) {
-          const int64_t c = job.cols[g] + j, w = std::min<int64_t>(W, job.outs[g] - j);
-          add_delta(y + c, w == W ? load(d + c) : load_partial(d + c, w), w);
-        }
+      for (size_t g = 0; g < job.cols.size(); ++g) add_row(y + job.cols[g], d + job.cols[g], job.outs[g]);
     }
 }
 
