@@ -249,7 +249,7 @@ using DotH = uint16_t;
 // its even ones shifted up and its odd ones masked are those values in float32 (exactly: bf16 is the top
 // half of a float32), two integer operations for 16 values, and each product is one FMA (a bf16 product
 // is exact in float32: each step rounds once). x is widened once per call, in the order those loads
-// pair it with A (split_row), and h is kept as float32 (rounded to bf16 first) for the up-projection's
+// pair it with A (widen_row below), and h is kept as float32 (rounded to bf16 first) for the up-projection's
 // broadcasts, so no operand is widened more than once. (The generic path below widens through 64-byte
 // vectors that AVX2 compilers spill to the stack: 8 SmolLM2 adapters took ~45 ms a step there. Widening
 // A and x per use, 8 values at a time, took ~10% longer a mixed step than this, bench/README.md.)
@@ -268,7 +268,7 @@ inline float hsum8(__m256 v) {
 
 // A bf16 row widened for down_ranks: each 16 values as their 8 even then their 8 odd ones, zero-padded
 // to a multiple of 16 (dst holds that many).
-inline void split_row(const at::BFloat16* row, int64_t in, float* dst) {
+inline void widen_row(const at::BFloat16* row, int64_t in, float* dst) {
   for (int64_t i = 0; i < in; i += 16) {
     uint16_t buf[16] = {};
     const uint16_t* src = bits(row + i);
@@ -284,7 +284,7 @@ inline void split_row(const at::BFloat16* row, int64_t in, float* dst) {
 
 // h for ranks k0..k0+KB-1 (rounded to bf16, kept in float32) at h[n * 2 * ceil(r / 2) + k]: lane j of
 // each chain adds x[16c + 2j] A[16c + 2j], then x[16c + 2j + 1] A[16c + 2j + 1], for c = 0, 1, ...; the
-// lanes are summed as a fixed tree. xs[n]: split_row of row n.
+// lanes are summed as a fixed tree. xs[n]: row n as widen_row below widens it.
 template <int NB, int KB>
 void down_ranks(const float* const* xs, int64_t in, const at::BFloat16* a, int64_t k0, int64_t pairs, float* h) {
   __m256 acc[NB][KB];
@@ -446,16 +446,10 @@ void block_delta(const X* const* xs, int64_t in, const T* a, const T* bt, int64_
 template <typename T>
 constexpr bool kReadsX = kDot<T> && !kDotWidensX;
 
-// Row `row` of x widened for the kernel into dst (in rounded up to W floats, the rest zero): in order for
-// the generic path, in split_row's order for the AVX2 bf16 path.
+// Row `row` of x widened for the generic path into dst, in order (in rounded up to W floats, the rest
+// zero). The AVX2 bf16 path has its own overload above, in the order its loads of A pair with x.
 template <typename T>
 void widen_row(const T* row, int64_t in, float* dst) {
-#if !defined(__AVX512BF16__) && defined(__AVX2__) && defined(__FMA__) && !defined(NO_DOT)
-  if constexpr (kDot<T>) {
-    split_row(row, in, dst);
-    return;
-  }
-#endif
   const int64_t in_pad = (in + W - 1) / W * W;
   for (int64_t i = 0; i < in; ++i) dst[i] = static_cast<float>(row[i]);
   std::fill(dst + in, dst + in_pad, 0.f);
