@@ -63,14 +63,17 @@ class CountingKernel:
                 counter.calls += 1
                 return group.apply(*args)
 
-            def start(self, *args):
+            def start(self, x, token_slots, next_group=None):
                 assert counter.deltas_beside
                 counter.calls += 1
-                return group.start(*args)
+                return group.start(x, token_slots, next_group.group if next_group is not None else None)
 
             def finish(self, y):
                 return group.finish(y)
-        return Counted()
+
+        counted = Counted()
+        counted.group = group                          # what a group before it passes as `next`
+        return counted
 
 
 @pytest.fixture(params=["torch-lora", "torch-lora-unstacked", "cpp-lora", "cpp-lora-beside"])

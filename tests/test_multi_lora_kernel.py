@@ -4,6 +4,9 @@ width, base rows left untouched bit for bit; each row's result does not depend o
 (blocks of 1, 2, 4 and 8 rows of one adapter, any thread count); bad arguments are refused. The LoRA
 parity and isolation tests (test_lora_parity.py, test_engine_lora.py) run through it too."""
 
+import gc
+import time
+
 import pytest
 import torch
 
@@ -263,6 +266,44 @@ def test_one_helper_runs_the_deltas_and_the_gemm_beside_them(kernel):
     finally:
         gemm.set_helper(False)
         torch.set_num_threads(before)
+
+
+def test_reading_the_next_groups_adapters_ahead_changes_no_bit(kernel):
+    """start(x, slots, next) also names the adapters the next group will read for these slots, for the
+    idle helper to prefetch: the results keep their bits, whichever group comes next (one with fewer
+    slots, more members, or none), and a plan whose memory is freed before the helper reads it ahead is
+    harmless (prefetches never fault)."""
+    torch.manual_seed(9)
+    mems = members(72, [(16, 48), (5, 40)], slots=4, dtype=torch.bfloat16, seed=10)
+
+    def group_of(ms):
+        return kernel.Group([a for a, _ in ms], [column_tiles(b, kernel.b_pairs(b)) for _, b in ms],
+                            [sum(b.shape[2] for _, b in ms[:g]) for g in range(len(ms))], [b.shape[2] for _, b in ms])
+
+    group = group_of(mems)
+    fewer = group_of(members(40, [(8, 24)], slots=2, dtype=torch.bfloat16, seed=11))
+    more = group_of(members(72, [(4, 16), (4, 16), (4, 32)], slots=4, dtype=torch.bfloat16, seed=12))
+    token_slots = torch.tensor([0, 3, -1, 1, 3, 3, 2, 0])
+    x = torch.randn(8, 72).bfloat16()
+    y = torch.randn(8, 88).bfloat16()
+    want = y.clone()
+    group.apply(x, token_slots, want)
+    for nxt in (None, group, fewer, more, kernel.Group([], [], [], [])):
+        for _ in range(5):
+            assert group.start(x, token_slots, nxt)
+            got = y.clone()
+            group.finish(got)
+            assert torch.equal(got.view(torch.int16), want.view(torch.int16))
+    gone = group_of(members(4096, [(64, 4096)], slots=4, dtype=torch.bfloat16, seed=13))
+    assert group.start(x, token_slots, gone)
+    group.finish(y.clone())
+    del gone                                               # 8 MB of planned adapters freed (unmapped),
+    gc.collect()                                           # likely while the helper is still reading them
+    time.sleep(0.05)
+    assert group.start(x, token_slots)
+    got = y.clone()
+    group.finish(got)
+    assert torch.equal(got.view(torch.int16), want.view(torch.int16))
 
 
 def _capsule_named(name: str) -> object:

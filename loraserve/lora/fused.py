@@ -67,6 +67,7 @@ class ProjectionGroup(SiblingGroup):
         # Kernel path: the members with LoRA (their A, B tiles, first column and width) bound in C++;
         # each member's B tiles with the lora_bt they were cut from, and its A as moved into the arena.
         self.kernel_group: object | None = None
+        self.next_group: ProjectionGroup | None = None    # the group the forward runs next (read ahead)
         self.b_tiles: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         self.a_moved: dict[int, torch.Tensor] = {}
         # Packed copies (CPU bf16, see cpu_gemm.py), packed once the slots have been stable for a while.
@@ -186,7 +187,8 @@ class ProjectionGroup(SiblingGroup):
             group = self.kernel_group if lora is not None and lora.any_lora else None
             # Beside: the helper thread computes each row's own delta (reading the adapters) while this
             # thread runs the base GEMM (arithmetic); finish adds them with apply's one rounding: the same bits.
-            started = group is not None and self.deltas_beside and group.start(x, lora.token_slots)
+            nxt = self.next_group.kernel_group if self.next_group is not None else None
+            started = group is not None and self.deltas_beside and group.start(x, lora.token_slots, nxt)
             y = self.packed_w.linear(x, self.w_cat, self.b_cat)
             if started:
                 group.finish(y)
@@ -240,4 +242,6 @@ def link_projection_groups(model: nn.Module, kernel: object | None = None, arena
             members = [m for m in members if isinstance(m, MultiLoRALinear)]
             if members and len({m.in_features for m in members}) == 1:
                 groups.append(ProjectionGroup(members, kernel, arena, deltas_beside))
+    for group, nxt in zip(groups, groups[1:] + groups[:1]):
+        group.next_group = nxt
     return groups
