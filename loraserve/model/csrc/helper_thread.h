@@ -89,14 +89,6 @@ class HelperThread {
     }
   }
 
- private:
-  // A slot is kFree, then kFilling while its poster writes the job, kPosted until the helper takes it
-  // (kRunning) or its poster joins first (kFree again); the helper leaves it kDone, and join frees it.
-  static constexpr int kFree = 0, kFilling = 1, kPosted = 2, kRunning = 3, kDone = 4;
-  static constexpr int64_t kSlots = 4;
-  static constexpr int kPollUs = 2000;
-
- public:
   // Memory a job posted later will read (the multi-LoRA deltas of a layer's next projection group: their
   // inputs are not known yet, their adapters are), for the helper to bring into its cache while it has
   // nothing to compute; replaces the plan before it. Ranges past kPlanRanges are left out.
@@ -112,8 +104,13 @@ class HelperThread {
   }
 
  private:
+  // A slot is kFree, then kFilling while its poster writes the job, kPosted until the helper takes it
+  // (kRunning) or its poster joins first (kFree again); the helper leaves it kDone, and join frees it.
+  static constexpr int kFree = 0, kFilling = 1, kPosted = 2, kRunning = 3, kDone = 4;
+  static constexpr int64_t kSlots = 4;
+  static constexpr int kPollUs = 2000;
   static constexpr int64_t kPlanRanges = 256;
-  static constexpr int64_t kLinesPerStep = 8;
+  static constexpr int64_t kLinesPerStep = 8;   // prefetched per idle poll, between checks for a job
 
   // Where the helper is in the plan (its own thread only).
   struct PlanCursor {
@@ -140,7 +137,6 @@ class HelperThread {
     }
     return true;
   }
-
 
   struct Slot {
     std::atomic<int> state{kFree};

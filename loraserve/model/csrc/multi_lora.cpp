@@ -595,6 +595,16 @@ void check_y(const at::Tensor& x, const at::Tensor& y) {
               y.device().is_cpu(), "y must be a CPU [T, out] tensor with unit column stride and x's dtype");
 }
 
+// The slots every member has (-1 for no members): the fewest of any member's A or B.
+int64_t common_slots(const std::vector<at::Tensor>& a, const std::vector<at::Tensor>& b) {
+  int64_t num_slots = -1;
+  for (size_t g = 0; g < a.size() && g < b.size(); ++g) {
+    const int64_t have = std::min(a[g].size(0), b[g].size(0));
+    num_slots = num_slots < 0 ? have : std::min(num_slots, have);
+  }
+  return num_slots;
+}
+
 // The rest of the checks shared by the in-place apply and the deferred start (x checked already): returns
 // the slots every member has.
 int64_t checked_slots(const at::Tensor& x, const at::Tensor& token_slots, const std::vector<at::Tensor>& a,
@@ -606,7 +616,6 @@ int64_t checked_slots(const at::Tensor& x, const at::Tensor& token_slots, const 
   TORCH_CHECK(a.size() == b.size() && a.size() == cols.size() && a.size() == outs.size(),
               "a, b, cols and outs need one entry per member");
   const bool pairs = b_pairs_for(x.scalar_type());
-  int64_t num_slots = -1;
   for (size_t g = 0; g < a.size(); ++g) {
     TORCH_CHECK(a[g].dim() == 3 && a[g].is_contiguous() && a[g].size(2) == x.size(1) && a[g].device().is_cpu() &&
                 a[g].scalar_type() == x.scalar_type(), "a[", g, "] must be contiguous CPU [L, r, in] in x's dtype");
@@ -617,8 +626,8 @@ int64_t checked_slots(const at::Tensor& x, const at::Tensor& token_slots, const 
                 b[g].device().is_cpu() && b[g].scalar_type() == x.scalar_type(), "b[", g, "] must be contiguous CPU ",
                 pairs ? "[L, ceil(out / 16), ceil(r / 2), 16, 2]" : "[L, ceil(out / 16), r, 16]", " matching a[", g, "]");
     TORCH_CHECK(cols[g] >= 0 && cols[g] + outs[g] <= y_cols, "member ", g, " overruns y's columns");
-    num_slots = num_slots < 0 ? a[g].size(0) : std::min(num_slots, a[g].size(0));
   }
+  const int64_t num_slots = common_slots(a, b);
   TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16,
               "multi_lora_apply supports float32 and bfloat16");
   const int64_t* slots = token_slots.data_ptr<int64_t>();
@@ -750,11 +759,10 @@ struct Group {
   // The adapters this group's deltas will read for `blocks`' slots, for the helper thread to bring into
   // the cache while it waits for this group's job (helper_thread.h plan_read_ahead).
   void plan_read_ahead(const std::vector<Block>& blocks) const {
-    int64_t num_slots = INT64_MAX;
-    for (size_t g = 0; g < a.size(); ++g) num_slots = std::min({num_slots, a[g].size(0), b[g].size(0)});
+    const int64_t num_slots = common_slots(a, b);   // not checked yet (its start checks): prefetches only
     static thread_local std::vector<loraserve::ReadRange> ranges;
     ranges.clear();
-    for (size_t g = 0; g < a.size(); ++g) {
+    for (size_t g = 0; g < a.size() && g < b.size(); ++g) {
       const int64_t a_bytes = a[g].stride(0) * a[g].element_size(), b_bytes = b[g].stride(0) * b[g].element_size();
       for (size_t i = 0; i < blocks.size(); ++i) {
         const int64_t slot = blocks[i].slot;
