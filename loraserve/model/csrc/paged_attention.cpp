@@ -53,11 +53,15 @@ inline void to_float(const at::BFloat16* src, float* __restrict__ dst, int64_t n
 }
 
 // A later block is somewhere else in the cache: ask for all of its lines now, so the loads overlap
-// this block's arithmetic instead of stalling on each jump.
+// this block's arithmetic instead of stalling on each jump. Into L2, not L1 (prefetcht1): the blocks come
+// from memory (the GEMMs between two layers' attention evict them), and requests for L1 queue behind its
+// few fill buffers, so a block's requests stalled the loop that made them. 30 layers, batch 16, random
+// blocks, 9 MB streamed between layers (a 2-core Zen 4): 64 tokens of context 3.35 -> 2.95 ms, 96: 5.00 ->
+// 4.19, 160: 9.58 -> 7.03, 512: 16.5 -> 11.7.
 template <typename T>
 inline void prefetch_block(const T* p, int64_t elems) {
   const char* c = reinterpret_cast<const char*>(p);
-  for (int64_t off = 0; off < elems * static_cast<int64_t>(sizeof(T)); off += 64) __builtin_prefetch(c + off);
+  for (int64_t off = 0; off < elems * static_cast<int64_t>(sizeof(T)); off += 64) __builtin_prefetch(c + off, 0, 2);
 }
 
 inline float dot(const float* __restrict__ a, const float* __restrict__ b, int64_t n) {
