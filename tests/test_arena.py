@@ -1,11 +1,12 @@
-"""The huge-page arena (lora/arena.py) that holds the multi-LoRA kernel's adapter buffers: copies are
-exact, aligned and carved from private mappings advised for huge pages; big tensors get a mapping of
-their own; an engine using the kernel keeps every A stack and B tile there, with the same outputs."""
+"""The huge-page arena (model/arena.py) that holds the multi-LoRA kernel's adapter buffers and the packed
+base weights: copies are exact, aligned and carved from private mappings advised for huge pages; big
+tensors get a mapping of their own; an engine using the kernel keeps every A stack and B tile there, with
+the same outputs."""
 
 import pytest
 import torch
 
-from loraserve.lora.arena import ALIGN, HugePageArena, hugepages_supported
+from loraserve.model.arena import ALIGN, HugePageArena, hugepages_supported
 
 pytestmark = pytest.mark.skipif(not hugepages_supported(), reason="no MADV_HUGEPAGE here")
 

@@ -15,7 +15,7 @@ from loraserve.config import EngineConfig, LoRAConfig
 from loraserve.engine.llm_engine import LLMEngine, UnknownModelError
 from loraserve.engine.sampling_params import SamplingParams
 from loraserve.lora.adapter import AdapterError
-from loraserve.lora.arena import hugepages_supported
+from loraserve.model.arena import hugepages_supported
 from loraserve.model.cpu_gemm import supported
 from test_engine_parity import record_logits
 from tiny_models import TEST_DEVICE, VOCAB, IdTokenizer, tiny_model

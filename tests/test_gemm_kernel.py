@@ -11,7 +11,8 @@ from loraserve.config import EngineConfig, LoRAConfig
 from loraserve.engine.llm_engine import LLMEngine
 from loraserve.lora.fused import ProjectionGroup
 from loraserve.model import kernels
-from loraserve.model.cpu_gemm import PackedLinear, PackedWeight
+from loraserve.model.arena import hugepages_supported
+from loraserve.model.cpu_gemm import PackedLinear, PackedWeight, weight_arena
 from loraserve.model.fused_linear import FusedLinearGroup
 from tiny_models import IdTokenizer, tiny_model
 
@@ -128,6 +129,19 @@ def test_packed_weight_follows_its_source(gemm):
     assert pw.linear(x, w)[0, 0] == 8
     with pytest.raises(AssertionError, match="oneDNN's"):
         pw.add_linear(x, x, w)
+
+
+@pytest.mark.skipif(not hugepages_supported(), reason="no MADV_HUGEPAGE here")
+def test_weights_packed_once_live_on_huge_pages_with_the_same_bits(gemm):
+    """Base weights are packed once and streamed every step: their packed copies go to the huge-page
+    arena; a settling weight (re-packed as adapters come and go) stays in ordinary memory."""
+    x, w, b = data(16, 576, 960, seed=3)
+    once, settling = PackedWeight(kernel=gemm), PackedWeight(settle_calls=1, kernel=gemm)
+    y = once.linear(x, w, b)
+    assert weight_arena().holds(once.packed)
+    assert torch.equal(y, gemm.linear(x, gemm.pack(w), 960, b))
+    settling.linear(x, w, b)
+    assert torch.equal(settling.linear(x, w, b), y) and not weight_arena().holds(settling.packed)
 
 
 def _gemms(engine: LLMEngine) -> set:

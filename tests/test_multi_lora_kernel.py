@@ -136,11 +136,11 @@ def test_no_members_adds_nothing(kernel):
 def test_slot_changes_recut_only_their_tiles_and_stay_exact(kernel, with_arena):
     """A group re-cuts B tiles only for the slots that changed; after adapters come and go (a member
     losing all its slots in between, a higher rank arriving) its tiles equal freshly cut ones. With a
-    huge-page arena (lora/arena.py) the A stacks and tiles the kernel reads live in it."""
+    huge-page arena (model/arena.py) the A stacks and tiles the kernel reads live in it."""
     from loraserve.lora.adapter import ModuleDelta
-    from loraserve.lora.arena import HugePageArena, hugepages_supported
     from loraserve.lora.fused import ProjectionGroup
     from loraserve.lora.layers import MultiLoRALinear
+    from loraserve.model.arena import HugePageArena, hugepages_supported
 
     if with_arena and not hugepages_supported():
         pytest.skip("no MADV_HUGEPAGE here")

@@ -35,8 +35,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from loraserve.engine.context import get_context
-from loraserve.lora.arena import HugePageArena
 from loraserve.lora.layers import MultiLoRALinear
+from loraserve.model.arena import HugePageArena
 from loraserve.model.cpu_gemm import PackedLinear, PackedWeight, gemm_kernel
 from loraserve.model.fused_linear import SIBLINGS, SiblingGroup, stack_rows, stacks_bit_exactly
 

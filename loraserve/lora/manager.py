@@ -31,9 +31,9 @@ import torch
 from torch import nn
 
 from loraserve.lora.adapter import AdapterError, LoRAAdapter, load_adapter
-from loraserve.lora.arena import HugePageArena, hugepages_supported
 from loraserve.lora.fused import link_projection_groups
 from loraserve.lora.layers import MultiLoRAEmbedding, MultiLoRALinear, _MultiLoRA
+from loraserve.model.arena import HugePageArena, hugepages_supported
 
 # Separates a name from the load number in the key of a re-used name; names may not contain it.
 KEY_SEP = "\x00"
@@ -142,7 +142,7 @@ class LoRAManager:
             layer = cls(module, self.max_loras).to(self.device)
             setattr(parent, attr, layer)
             self.layers[name] = layer
-        # The kernel streams the adapters from memory every step: keep them on huge pages (lora/arena.py).
+        # The kernel streams the adapters from memory every step: keep them on huge pages (model/arena.py).
         arena = HugePageArena() if self.kernel is not None and hugepages_supported() else None
         self.groups = link_projection_groups(model, self.kernel, arena, self.deltas_beside)
         for group in self.groups:

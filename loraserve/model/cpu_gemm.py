@@ -14,13 +14,27 @@ order, so a row's result never depends on the rest of the batch, nor a column's 
 beside it: isolation holds on either backend. `add_linear` (the PyTorch LoRA path's B GEMMs) is oneDNN's only.
 
 The plain weight stays: tied embeddings, LoRA's stacked groups and DoRA's norms read it. A packed copy
-follows its source: it is rebuilt when the weight is replaced or changed in place."""
+follows its source: it is rebuilt when the weight is replaced or changed in place.
+
+The kernel's packed copies that are packed once (the base weights) live on transparent huge pages
+(model/arena.py): a decode step streams every weight from memory, 270 MB for SmolLM2, and on 4 KB pages
+that is ~66,000 TLB misses and page walks a step. A 2-core Zen 4, base decode steps alternated in one
+process: 2.3% faster (bench/README.md, session 15)."""
 
 import functools
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from loraserve.model.arena import HugePageArena, hugepages_supported
+
+
+@functools.cache
+def weight_arena() -> HugePageArena | None:
+    """Where packed base weights go (one arena for the process: they are packed together at start-up and
+    live as long as the model), or None without MADV_HUGEPAGE."""
+    return HugePageArena() if hugepages_supported() else None
 
 
 @functools.cache
@@ -62,6 +76,9 @@ class PackedWeight:
                 return None
             if self.kernel is not None:
                 self.packed = self.kernel.pack(weight.detach())
+                arena = weight_arena() if self.settle_calls == 0 else None   # churning copies: ordinary memory
+                if arena is not None:
+                    self.packed = arena.copy(self.packed)
             else:
                 # The batch-size hint only picks oneDNN's blocking; any row count works with it and gives
                 # the same result. 16 is a typical decode batch.

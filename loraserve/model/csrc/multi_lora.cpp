@@ -466,6 +466,14 @@ void block_delta_any(int nb, const X* const* xs, int64_t in, const T* a, const T
   }
 }
 
+// Buffers reused from call to call only ever grow: std::vector zero-fills whatever it grows by, and the
+// groups of a layer alternate between sizes (a decode step's delta buffer went 16 x 576 -> 16 x 3072
+// floats and back in every layer: ~5 MB of memset a step).
+template <typename V>
+void at_least(V& buffer, size_t n) {
+  if (buffer.size() < n) buffer.resize(n);
+}
+
 struct Block {
   int64_t slot;
   int nb;                      // 1, 2, 4 or 8 rows of that slot
@@ -501,35 +509,46 @@ const std::vector<Block>& make_blocks(const int64_t* slots, int64_t n_rows, int6
   return blocks;
 }
 
-// Member (a, bt)'s delta for one block of rows, the inputs as they are (xr: vdpbf16ps) or widened to float32
+// One member of a group as the kernels read it: raw pointers and sizes, taken from its tensors once. The
+// calls of a forward then read these few cache lines instead of each tensor's metadata (TensorImpl,
+// storage, sizes), which are cold by then: the GEMMs stream megabytes between two calls, and in a decode
+// step with 8 adapters those misses cost ~1.5 us a call to start the deltas, 120 calls a step.
+struct Member {
+  const void* a;              // [L, r, in]
+  const void* bt;             // the B tiles: one slot every bt_slot elements
+  int64_t r, bt_slot, col, out;
+};
+
+// Member m's delta for one block of rows, the inputs as they are (xr: vdpbf16ps) or widened to float32
 // (xs: widen_row), into the sink. Shared by the in-place apply and the deferred chunks.
 template <typename T>
-void member_block(const Block& blk, const T* const* xr, const float* const* xs, int64_t in, const at::Tensor& a,
-                  const at::Tensor& bt, int64_t out, const Sink<T>& sink, float* h) {
-  const int64_t r = a.size(1);
-  const T* ag = a.data_ptr<T>() + blk.slot * r * in;
-  const T* bg = bt.data_ptr<T>() + blk.slot * bt.stride(0);
+void member_block(const Block& blk, const T* const* xr, const float* const* xs, int64_t in, const Member& m,
+                  const Sink<T>& sink, float* h) {
+  const T* ag = static_cast<const T*>(m.a) + blk.slot * m.r * in;
+  const T* bg = static_cast<const T*>(m.bt) + blk.slot * m.bt_slot;
   if constexpr (kReadsX<T>) {
-    block_delta_any<T, T>(blk.nb, xr, in, ag, bg, r, out, sink, h);
+    block_delta_any<T, T>(blk.nb, xr, in, ag, bg, m.r, m.out, sink, h);
   } else {
-    block_delta_any<T, float>(blk.nb, xs, in, ag, bg, r, out, sink, h);
+    block_delta_any<T, float>(blk.nb, xs, in, ag, bg, m.r, m.out, sink, h);
   }
+}
+
+int64_t max_rank(const std::vector<Member>& members) {
+  int64_t rank = 0;
+  for (const Member& m : members) rank = std::max(rank, m.r);
+  return rank;
 }
 
 // The deltas of `blocks` added into y (yp, row stride y_stride), the blocks split over torch's threads.
 template <typename T>
-void apply_blocks(const at::Tensor& x, const std::vector<Block>& blocks, const std::vector<at::Tensor>& a,
-                  const std::vector<at::Tensor>& bt, T* yp, int64_t y_stride, const std::vector<int64_t>& cols,
-                  const std::vector<int64_t>& outs) {
-  const int64_t in = x.size(1), in_pad = (in + W - 1) / W * W;
-  const T* xp = x.data_ptr<T>();
-  int64_t rank = 0;
-  for (const auto& ag : a) rank = std::max(rank, ag.size(1));
+void apply_blocks(const T* xp, int64_t in, const std::vector<Block>& blocks, const std::vector<Member>& members,
+                  T* yp, int64_t y_stride) {
+  const int64_t in_pad = (in + W - 1) / W * W, rank = max_rank(members);
   auto run = [&](int64_t begin, int64_t end) {
     // Widened inputs of this range's rows (unless read as they are), 8 rows per block.
     static thread_local std::vector<float> xf, h;      // reused: see make_blocks
-    xf.resize(kReadsX<T> ? 0 : (end - begin) * 8 * in_pad);
-    h.resize(8 * (rank + 1));                        // an odd rank's h has a zero partner
+    at_least(xf, kReadsX<T> ? 0 : (end - begin) * 8 * in_pad);
+    at_least(h, 8 * (rank + 1));                     // an odd rank's h has a zero partner
     if constexpr (!kReadsX<T>) {
       for (int64_t b = begin; b < end; ++b)
         for (int n = 0; n < blocks[b].nb; ++n)
@@ -541,51 +560,45 @@ void apply_blocks(const at::Tensor& x, const std::vector<Block>& blocks, const s
     const Sink<T> sink{ys, nullptr};
     // Member by member, then slot by slot: each member's A and B stacks are read front to back, one
     // stream the hardware prefetcher follows (the order cannot change any row's result).
-    for (size_t g = 0; g < a.size(); ++g) {
+    for (const Member& m : members) {
       for (int64_t b = begin; b < end; ++b) {
         const Block& blk = blocks[b];
         for (int n = 0; n < blk.nb; ++n) {
           xr[n] = xp + blk.rows[n] * in;
           xs[n] = xf.data() + ((b - begin) * 8 + n) * in_pad;
-          ys[n] = yp + blk.rows[n] * y_stride + cols[g];
+          ys[n] = yp + blk.rows[n] * y_stride + m.col;
         }
-        member_block(blk, xr, xs, in, a[g], bt[g], outs[g], sink, h.data());
+        member_block(blk, xr, xs, in, m, sink, h.data());
       }
     }
   };
   at::parallel_for(0, static_cast<int64_t>(blocks.size()), 1, run);
 }
 
-// Member g's deltas for one block of rows into the float32 buffer dp (row stride d_stride): one chunk of a
+// Member m's deltas for one block of rows into the float32 buffer dp (row stride d_stride): one chunk of a
 // deferred job (Group.start), run by whichever thread takes it.
 template <typename T>
-void block_chunk(const at::Tensor& x, const Block& blk, const at::Tensor& a, const at::Tensor& bt, int64_t col,
-                 int64_t out, float* dp, int64_t d_stride) {
-  const int64_t in = x.size(1), in_pad = (in + W - 1) / W * W;
+void block_chunk(const T* xp, int64_t in, const Block& blk, const Member& m, float* dp, int64_t d_stride) {
+  const int64_t in_pad = (in + W - 1) / W * W;
   static thread_local std::vector<float> xf, h;          // reused: see make_blocks
-  xf.resize(kReadsX<T> ? 0 : 8 * in_pad);
-  h.resize(8 * (a.size(1) + 1));
-  const T* xp = x.data_ptr<T>();
+  at_least(xf, kReadsX<T> ? 0 : 8 * in_pad);
+  at_least(h, 8 * (m.r + 1));
   const float* xs[8];
   const T* xr[8];
   float* ds[8];
   for (int n = 0; n < blk.nb; ++n) {
     xr[n] = xp + blk.rows[n] * in;
     xs[n] = xf.data() + n * in_pad;
-    ds[n] = dp + blk.rows[n] * d_stride + col;
+    ds[n] = dp + blk.rows[n] * d_stride + m.col;
     if constexpr (!kReadsX<T>) widen_row(xr[n], in, xf.data() + n * in_pad);
   }
-  member_block(blk, xr, xs, in, a, bt, out, Sink<T>{nullptr, ds}, h.data());
+  member_block(blk, xr, xs, in, m, Sink<T>{nullptr, ds}, h.data());
 }
 
 // Whether B tiles for tensors of this dtype hold pairs of rows (bf16 on CPUs with AVX512-BF16).
 bool b_pairs_for(at::ScalarType dtype) { return kBf16Dot && dtype == at::kBFloat16; }
 bool b_pairs(const at::Tensor& like) { return b_pairs_for(like.scalar_type()); }
 
-// x [T, in]; token_slots [T] int64 (-1: base row); a[g] [L, r_g, in]; b[g] [L, ceil(out_g / 16), r_g, 16]
-// (or [L, ceil(out_g / 16), ceil(r_g / 2), 16, 2] where b_pairs): the scaled B^T in tiles of 16 output
-// columns, zero-padded, so the up-projection reads one contiguous stream; y [T, >= cols[g] + outs[g]]
-// is updated in place, member g at column cols[g].
 void check_x(const at::Tensor& x) {
   TORCH_CHECK(x.dim() == 2 && x.is_contiguous() && x.device().is_cpu(), "x must be a contiguous CPU [T, in] tensor");
 }
@@ -593,6 +606,46 @@ void check_x(const at::Tensor& x) {
 void check_y(const at::Tensor& x, const at::Tensor& y) {
   TORCH_CHECK(y.dim() == 2 && y.size(0) == x.size(0) && y.stride(1) == 1 && y.scalar_type() == x.scalar_type() &&
               y.device().is_cpu(), "y must be a CPU [T, out] tensor with unit column stride and x's dtype");
+}
+
+void check_token_slots(const at::Tensor& token_slots, int64_t rows) {
+  TORCH_CHECK(token_slots.dim() == 1 && token_slots.size(0) == rows && token_slots.is_contiguous() &&
+              token_slots.scalar_type() == at::kLong && token_slots.device().is_cpu(),
+              "token_slots must be a contiguous int64 CPU [T] tensor");
+}
+
+// Every token's slot is one the members have (base rows: -1).
+void check_slots_in_range(const at::Tensor& token_slots, int64_t num_slots) {
+  const int64_t* slots = token_slots.data_ptr<int64_t>();
+  for (int64_t t = 0; t < token_slots.size(0); ++t)
+    TORCH_CHECK(slots[t] < num_slots, "token ", t, " has slot ", slots[t], " of ", num_slots);
+}
+
+// a[g] [L, r_g, in]; b[g] [L, ceil(out_g / 16), r_g, 16] (or [L, ceil(out_g / 16), ceil(r_g / 2), 16, 2]
+// where b_pairs): the scaled B^T in tiles of 16 output columns, zero-padded, so the up-projection reads one
+// contiguous stream; member g's columns of y are cols[g] .. cols[g] + outs[g] - 1. Checked against inputs
+// of `in` features in `dtype`; returns the members as the kernels read them.
+std::vector<Member> checked_members(int64_t in, at::ScalarType dtype, const std::vector<at::Tensor>& a,
+                                    const std::vector<at::Tensor>& b, const std::vector<int64_t>& cols,
+                                    const std::vector<int64_t>& outs) {
+  TORCH_CHECK(a.size() == b.size() && a.size() == cols.size() && a.size() == outs.size(),
+              "a, b, cols and outs need one entry per member");
+  TORCH_CHECK(dtype == at::kFloat || dtype == at::kBFloat16, "multi_lora_apply supports float32 and bfloat16");
+  const bool pairs = b_pairs_for(dtype);
+  std::vector<Member> members;
+  for (size_t g = 0; g < a.size(); ++g) {
+    TORCH_CHECK(a[g].dim() == 3 && a[g].is_contiguous() && a[g].size(2) == in && a[g].device().is_cpu() &&
+                a[g].scalar_type() == dtype, "a[", g, "] must be contiguous CPU [L, r, in] in x's dtype");
+    const int64_t r = a[g].size(1), tiles = (outs[g] + W - 1) / W;
+    const bool ok = pairs ? b[g].dim() == 5 && b[g].size(2) == (r + 1) / 2 && b[g].size(3) == W && b[g].size(4) == 2
+                          : b[g].dim() == 4 && b[g].size(2) == r && b[g].size(3) == W;
+    TORCH_CHECK(ok && b[g].is_contiguous() && b[g].size(0) == a[g].size(0) && b[g].size(1) == tiles &&
+                b[g].device().is_cpu() && b[g].scalar_type() == dtype, "b[", g, "] must be contiguous CPU ",
+                pairs ? "[L, ceil(out / 16), ceil(r / 2), 16, 2]" : "[L, ceil(out / 16), r, 16]", " matching a[", g, "]");
+    TORCH_CHECK(cols[g] >= 0 && outs[g] >= 0, "member ", g, " has a negative column or width");
+    members.push_back({a[g].data_ptr(), b[g].data_ptr(), r, b[g].stride(0), cols[g], outs[g]});
+  }
+  return members;
 }
 
 // The slots every member has (-1 for no members): the fewest of any member's A or B.
@@ -605,56 +658,42 @@ int64_t common_slots(const std::vector<at::Tensor>& a, const std::vector<at::Ten
   return num_slots;
 }
 
-// The rest of the checks shared by the in-place apply and the deferred start (x checked already): returns
-// the slots every member has.
-int64_t checked_slots(const at::Tensor& x, const at::Tensor& token_slots, const std::vector<at::Tensor>& a,
-                      const std::vector<at::Tensor>& b, int64_t y_cols, const std::vector<int64_t>& cols,
-                      const std::vector<int64_t>& outs) {
-  TORCH_CHECK(token_slots.dim() == 1 && token_slots.size(0) == x.size(0) && token_slots.is_contiguous() &&
-              token_slots.scalar_type() == at::kLong && token_slots.device().is_cpu(),
-              "token_slots must be a contiguous int64 CPU [T] tensor");
-  TORCH_CHECK(a.size() == b.size() && a.size() == cols.size() && a.size() == outs.size(),
-              "a, b, cols and outs need one entry per member");
-  const bool pairs = b_pairs_for(x.scalar_type());
-  for (size_t g = 0; g < a.size(); ++g) {
-    TORCH_CHECK(a[g].dim() == 3 && a[g].is_contiguous() && a[g].size(2) == x.size(1) && a[g].device().is_cpu() &&
-                a[g].scalar_type() == x.scalar_type(), "a[", g, "] must be contiguous CPU [L, r, in] in x's dtype");
-    const int64_t r = a[g].size(1), tiles = (outs[g] + W - 1) / W;
-    const bool ok = pairs ? b[g].dim() == 5 && b[g].size(2) == (r + 1) / 2 && b[g].size(3) == W && b[g].size(4) == 2
-                          : b[g].dim() == 4 && b[g].size(2) == r && b[g].size(3) == W;
-    TORCH_CHECK(ok && b[g].is_contiguous() && b[g].size(0) == a[g].size(0) && b[g].size(1) == tiles &&
-                b[g].device().is_cpu() && b[g].scalar_type() == x.scalar_type(), "b[", g, "] must be contiguous CPU ",
-                pairs ? "[L, ceil(out / 16), ceil(r / 2), 16, 2]" : "[L, ceil(out / 16), r, 16]", " matching a[", g, "]");
-    TORCH_CHECK(cols[g] >= 0 && cols[g] + outs[g] <= y_cols, "member ", g, " overruns y's columns");
-  }
-  const int64_t num_slots = common_slots(a, b);
-  TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16,
-              "multi_lora_apply supports float32 and bfloat16");
-  const int64_t* slots = token_slots.data_ptr<int64_t>();
-  for (int64_t t = 0; t < x.size(0) && !a.empty(); ++t)
-    TORCH_CHECK(slots[t] < num_slots, "token ", t, " has slot ", slots[t], " of ", num_slots);
-  return num_slots;
+// The columns of y the members write: y needs at least this many.
+int64_t columns_used(const std::vector<Member>& members) {
+  int64_t used = 0;
+  for (const Member& m : members) used = std::max(used, m.col + m.out);
+  return used;
 }
 
-// x [T, in]; token_slots [T] int64 (-1: base row); a[g] [L, r_g, in]; b[g] [L, ceil(out_g / 16), r_g, 16]
-// (or [L, ceil(out_g / 16), ceil(r_g / 2), 16, 2] where b_pairs): the scaled B^T in tiles of 16 output
-// columns, zero-padded, so the up-projection reads one contiguous stream; y [T, >= cols[g] + outs[g]]
-// is updated in place, member g at column cols[g].
+template <typename T>
+void apply_typed(const at::Tensor& x, const at::Tensor& token_slots, int64_t num_slots,
+                 const std::vector<Member>& members, at::Tensor& y) {
+  const std::vector<Block>& blocks = make_blocks(token_slots.data_ptr<int64_t>(), x.size(0), num_slots);
+  apply_blocks<T>(x.data_ptr<T>(), x.size(1), blocks, members, y.data_ptr<T>(), y.stride(0));
+}
+
+// y [T, >= cols[g] + outs[g]] += each row's own delta, in place; x [T, in], token_slots [T] int64 (-1: base
+// row, untouched); the members as checked_members takes them.
 void multi_lora_apply(const at::Tensor& x, const at::Tensor& token_slots, const std::vector<at::Tensor>& a,
                       const std::vector<at::Tensor>& b, at::Tensor y, const std::vector<int64_t>& cols,
                       const std::vector<int64_t>& outs) {
   check_x(x);
   check_y(x, y);
-  const int64_t num_slots = checked_slots(x, token_slots, a, b, y.size(1), cols, outs);
-  if (a.empty()) return;                 // no member has LoRA: nothing to add
+  check_token_slots(token_slots, x.size(0));
+  const std::vector<Member> members = checked_members(x.size(1), x.scalar_type(), a, b, cols, outs);
+  TORCH_CHECK(columns_used(members) <= y.size(1), "a member overruns y's columns");
+  if (members.empty()) return;           // no member has LoRA: nothing to add
+  const int64_t num_slots = common_slots(a, b);
+  check_slots_in_range(token_slots, num_slots);
   pybind11::gil_scoped_release no_gil;   // pure arithmetic: let the HTTP thread run meanwhile
-  const std::vector<Block>& blocks = make_blocks(token_slots.data_ptr<int64_t>(), x.size(0), num_slots);
   if (x.scalar_type() == at::kBFloat16) {
-    apply_blocks<at::BFloat16>(x, blocks, a, b, y.data_ptr<at::BFloat16>(), y.stride(0), cols, outs);
+    apply_typed<at::BFloat16>(x, token_slots, num_slots, members, y);
   } else {
-    apply_blocks<float>(x, blocks, a, b, y.data_ptr<float>(), y.stride(0), cols, outs);
+    apply_typed<float>(x, token_slots, num_slots, members, y);
   }
 }
+
+struct Group;
 
 // A deferred job: the deltas run on the helper thread (helper_thread.h) while the caller computes the
 // base GEMM. Group.start posts its (member, block) chunks, member by member as apply_blocks reads them;
@@ -662,32 +701,24 @@ void multi_lora_apply(const at::Tensor& x, const at::Tensor& token_slots, const 
 // server) and adds the deltas, kept in float32, into y with the one rounding the in-place apply uses:
 // the same bits. The deltas are bound by reading the adapters (78 MB a step for 8 SmolLM2 adapters), the
 // GEMM by arithmetic, so on two cores the reads cost little time. One job at a time: finish, then start.
+// The group and x stay alive from start to finish: the caller (lora/fused.py) holds both.
 struct DeltaJob {
-  at::Tensor x;
-  std::vector<at::Tensor> a, b;
-  std::vector<int64_t> cols, outs;
+  const Group* group = nullptr;  // null: no job
+  at::Tensor x_keep;             // x as [T, in]: kept until finish (a copy where x was not contiguous)
+  const void* x = nullptr;       // its rows
+  int64_t rows = 0, in = 0, d_cols = 0;
+  bool bf16 = false;
   std::vector<Block> blocks;
-  int64_t d_cols = 0;
-  std::vector<float> delta;     // [T, d_cols]
-  int64_t chunks = 0;           // (member, block) pairs
-  int64_t ticket = -1;          // the helper's, or -1: finish computes every chunk
+  std::vector<float> delta;      // [T, d_cols]
+  int64_t chunks = 0;            // (member, block) pairs
+  int64_t ticket = -1;           // the helper's, or -1: finish computes every chunk
 
   static DeltaJob& current() {
     static DeltaJob* job = new DeltaJob();
     return *job;
   }
 
-  static void chunk(void* ctx, int64_t i) {
-    DeltaJob& j = *static_cast<DeltaJob*>(ctx);
-    const auto nb = static_cast<int64_t>(j.blocks.size());
-    const size_t g = static_cast<size_t>(i / nb);
-    float* d = j.delta.data();
-    if (j.x.scalar_type() == at::kBFloat16) {
-      block_chunk<at::BFloat16>(j.x, j.blocks[i % nb], j.a[g], j.b[g], j.cols[g], j.outs[g], d, j.d_cols);
-    } else {
-      block_chunk<float>(j.x, j.blocks[i % nb], j.a[g], j.b[g], j.cols[g], j.outs[g], d, j.d_cols);
-    }
-  }
+  static void chunk(void* ctx, int64_t i);
 };
 
 // y[0:n] += d[0:n] with one rounding, W columns at a time, as add_delta does in the in-place apply.
@@ -702,50 +733,84 @@ void add_row(T* y, const float* d, int64_t n) {
 // y's rows of the job's blocks += their deltas, member by member, each value rounded once (add_row), as the
 // in-place apply adds them.
 template <typename T>
-void add_deltas(const DeltaJob& job, const float* delta, T* yp, int64_t y_stride) {
+void add_deltas(const DeltaJob& job, const std::vector<Member>& members, T* yp, int64_t y_stride) {
   for (const Block& blk : job.blocks)
     for (int n = 0; n < blk.nb; ++n) {
       T* y = yp + blk.rows[n] * y_stride;
-      const float* d = delta + blk.rows[n] * job.d_cols;
-      for (size_t g = 0; g < job.cols.size(); ++g) add_row(y + job.cols[g], d + job.cols[g], job.outs[g]);
+      const float* d = job.delta.data() + blk.rows[n] * job.d_cols;
+      for (const Member& m : members) add_row(y + m.col, d + m.col, m.out);
     }
 }
 
-// One projection group's adapters, bound once per slot change: each forward then passes only tensors,
-// so the call converts no Python lists (every allocation made mid-forward can split the large free
-// chunks that the next activations need, and the heap then grows, page fault by page fault).
-// x and y may come with the model's leading dims ([1, T, in]): flattened here, where a view costs
-// nanoseconds, not in Python, where each costs a microsecond or more (120 calls a step).
+// One projection group's adapters, bound once per slot change (lora/fused.py): checked here, once, and
+// kept as raw pointers (Member), so a forward's calls convert no Python lists (every allocation made
+// mid-forward can split the large free chunks that the next activations need, and the heap then grows,
+// page fault by page fault) and read no tensor's metadata. x and y may come with the model's leading dims
+// ([1, T, in]): flattened here, where a view costs nanoseconds, not in Python (120 calls a step).
 struct Group {
-  std::vector<at::Tensor> a, b;
-  std::vector<int64_t> cols, outs;
+  std::vector<at::Tensor> a, b;       // keep the adapters' memory alive
+  std::vector<Member> members;
+  int64_t in = 0, num_slots = -1, d_cols = 0;
+  at::ScalarType dtype = at::kFloat;
+
+  Group(std::vector<at::Tensor> a_in, std::vector<at::Tensor> b_in, const std::vector<int64_t>& cols,
+        const std::vector<int64_t>& outs)
+      : a(std::move(a_in)), b(std::move(b_in)) {
+    if (!a.empty()) {
+      in = a[0].dim() == 3 ? a[0].size(2) : -1;
+      dtype = a[0].scalar_type();
+    }
+    members = checked_members(in, dtype, a, b, cols, outs);
+    num_slots = common_slots(a, b);
+    d_cols = columns_used(members);
+  }
+
+  // x [..., in] as [T, in], checked against the members, and token_slots against x.
+  at::Tensor rows_of(const at::Tensor& x, const at::Tensor& token_slots) const {
+    const at::Tensor x2 = x.reshape({-1, x.size(-1)}).contiguous();
+    check_x(x2);
+    check_token_slots(token_slots, x2.size(0));
+    if (!members.empty()) {
+      TORCH_CHECK(x2.size(1) == in && x2.scalar_type() == dtype, "x [T, ", x2.size(1), "] ", x2.scalar_type(),
+                  " does not match the group's adapters ([L, r, ", in, "] ", dtype, ")");
+      check_slots_in_range(token_slots, num_slots);
+    }
+    return x2;
+  }
+
   void apply(const at::Tensor& x, const at::Tensor& token_slots, const at::Tensor& y) const {
     TORCH_CHECK(x.dim() >= 2 && y.dim() == x.dim(), "x and y must be [..., in] and [..., out]");
-    multi_lora_apply(x.reshape({-1, x.size(-1)}).contiguous(), token_slots, a, b, y.view({-1, y.size(-1)}),
-                     cols, outs);
+    const at::Tensor x2 = rows_of(x, token_slots);
+    at::Tensor y2 = y.view({-1, y.size(-1)});
+    check_y(x2, y2);
+    TORCH_CHECK(d_cols <= y2.size(1), "a member overruns y's columns");
+    if (members.empty()) return;
+    pybind11::gil_scoped_release no_gil;
+    if (dtype == at::kBFloat16) {
+      apply_typed<at::BFloat16>(x2, token_slots, num_slots, members, y2);
+    } else {
+      apply_typed<float>(x2, token_slots, num_slots, members, y2);
+    }
   }
 
   // The deltas for x's rows start on the helper thread; `finish(y)` adds them. False (nothing started)
   // when no member has LoRA.
   bool start(const at::Tensor& x, const at::Tensor& token_slots, const Group* next) const {
     TORCH_CHECK(x.dim() >= 2, "x must be [..., in]");
-    const at::Tensor x2 = x.reshape({-1, x.size(-1)}).contiguous();
-    int64_t d_cols = 0;
-    for (size_t g = 0; g < cols.size(); ++g) d_cols = std::max(d_cols, cols[g] + outs[g]);
-    check_x(x2);
-    const int64_t num_slots = checked_slots(x2, token_slots, a, b, d_cols, cols, outs);
-    if (a.empty()) return false;
+    const at::Tensor x2 = rows_of(x, token_slots);
+    if (members.empty()) return false;
     DeltaJob& job = DeltaJob::current();
-    TORCH_CHECK(!job.x.defined(), "a multi-LoRA job is already running: finish it first");
-    job.x = x2;
+    TORCH_CHECK(job.group == nullptr, "a multi-LoRA job is already running: finish it first");
+    job.group = this;
+    job.x_keep = x2;
+    job.x = x2.data_ptr();
+    job.rows = x2.size(0);
+    job.in = in;
+    job.bf16 = dtype == at::kBFloat16;
     job.d_cols = d_cols;
-    job.a = a;
-    job.b = b;
-    job.cols = cols;
-    job.outs = outs;
-    job.blocks = make_blocks(token_slots.data_ptr<int64_t>(), job.x.size(0), num_slots);
-    job.delta.resize(job.x.size(0) * job.d_cols);
-    job.chunks = static_cast<int64_t>(job.blocks.size() * a.size());
+    job.blocks = make_blocks(token_slots.data_ptr<int64_t>(), job.rows, num_slots);
+    at_least(job.delta, job.rows * job.d_cols);
+    job.chunks = static_cast<int64_t>(job.blocks.size() * members.size());
     // No free slot on the helper (another thread's jobs hold them all): finish computes the deltas itself.
     job.ticket = loraserve::helper().post(job.chunks, &DeltaJob::chunk, &job);
     // The group the forward runs next will read its adapters for the same slots: the helper prefetches
@@ -757,18 +822,30 @@ struct Group {
   }
 
   // The adapters this group's deltas will read for `blocks`' slots, for the helper thread to bring into
-  // the cache while it waits for this group's job (helper_thread.h plan_read_ahead).
+  // the cache while it waits for this group's job (helper_thread.h plan_read_ahead). Member by member, the
+  // slots' A, then their B: consecutive slots lie side by side in both stacks, so the ranges coalesce (8
+  // adapters: 6 ranges for q/k/v, not 48), and fewer of the plan's cache lines, which the helper reads
+  // while this thread writes them, move between the cores.
   void plan_read_ahead(const std::vector<Block>& blocks) const {
-    const int64_t num_slots = common_slots(a, b);   // not checked yet (its start checks): prefetches only
     static thread_local std::vector<loraserve::ReadRange> ranges;
     ranges.clear();
-    for (size_t g = 0; g < a.size() && g < b.size(); ++g) {
-      const int64_t a_bytes = a[g].stride(0) * a[g].element_size(), b_bytes = b[g].stride(0) * b[g].element_size();
-      for (size_t i = 0; i < blocks.size(); ++i) {
-        const int64_t slot = blocks[i].slot;
-        if (slot >= num_slots || (i > 0 && blocks[i - 1].slot == slot)) continue;   // once a slot (sorted)
-        ranges.push_back({static_cast<const char*>(a[g].data_ptr()) + slot * a_bytes, a_bytes});
-        ranges.push_back({static_cast<const char*>(b[g].data_ptr()) + slot * b_bytes, b_bytes});
+    auto add = [](const char* p, int64_t bytes) {
+      if (!ranges.empty() && ranges.back().p + ranges.back().bytes == p) {
+        ranges.back().bytes += bytes;
+      } else {
+        ranges.push_back({p, bytes});
+      }
+    };
+    const int64_t elem = dtype == at::kBFloat16 ? 2 : 4;
+    for (const Member& m : members) {
+      for (int half = 0; half < 2; ++half) {
+        const int64_t bytes = (half == 0 ? m.r * in : m.bt_slot) * elem;
+        const char* base = static_cast<const char*>(half == 0 ? m.a : m.bt);
+        for (size_t i = 0; i < blocks.size(); ++i) {
+          const int64_t slot = blocks[i].slot;
+          if (slot >= num_slots || (i > 0 && blocks[i - 1].slot == slot)) continue;   // once a slot (sorted)
+          add(base + slot * bytes, bytes);
+        }
       }
     }
     loraserve::helper().plan_read_ahead(ranges.data(), static_cast<int64_t>(ranges.size()));
@@ -776,7 +853,7 @@ struct Group {
 
   void finish(const at::Tensor& y) const {
     DeltaJob& job = DeltaJob::current();
-    TORCH_CHECK(job.x.defined(), "finish without start");
+    TORCH_CHECK(job.group != nullptr, "finish without start");
     bool ok;
     {
       pybind11::gil_scoped_release no_gil;
@@ -786,20 +863,31 @@ struct Group {
         for (int64_t i = 0; i < job.chunks; ++i) DeltaJob::chunk(&job, i);
       }
       const at::Tensor y2 = y.view({-1, y.size(-1)});
-      ok = y2.size(0) == job.x.size(0) && y2.size(1) >= job.d_cols && y2.stride(1) == 1 &&
-           y2.scalar_type() == job.x.scalar_type() && y2.device().is_cpu();
-      if (ok && y2.scalar_type() == at::kBFloat16) {
-        add_deltas<at::BFloat16>(job, job.delta.data(), y2.data_ptr<at::BFloat16>(), y2.stride(0));
+      ok = y2.size(0) == job.rows && y2.size(1) >= job.d_cols && y2.stride(1) == 1 &&
+           y2.scalar_type() == job.x_keep.scalar_type() && y2.device().is_cpu();
+      const std::vector<Member>& ms = job.group->members;
+      if (ok && job.bf16) {
+        add_deltas<at::BFloat16>(job, ms, y2.data_ptr<at::BFloat16>(), y2.stride(0));
       } else if (ok) {
-        add_deltas<float>(job, job.delta.data(), y2.data_ptr<float>(), y2.stride(0));
+        add_deltas<float>(job, ms, y2.data_ptr<float>(), y2.stride(0));
       }
     }
-    job.x = at::Tensor();                              // drop the references now
-    job.a.clear();
-    job.b.clear();
+    job.group = nullptr;                               // the job is over, whatever y was
+    job.x_keep = at::Tensor();
     TORCH_CHECK(ok, "finish: y must be a CPU [T, out] tensor with unit column stride, x's rows and dtype");
   }
 };
+
+void DeltaJob::chunk(void* ctx, int64_t i) {
+  DeltaJob& j = *static_cast<DeltaJob*>(ctx);
+  const auto nb = static_cast<int64_t>(j.blocks.size());
+  const Member& m = j.group->members[static_cast<size_t>(i / nb)];
+  if (j.bf16) {
+    block_chunk<at::BFloat16>(static_cast<const at::BFloat16*>(j.x), j.in, j.blocks[i % nb], m, j.delta.data(), j.d_cols);
+  } else {
+    block_chunk<float>(static_cast<const float*>(j.x), j.in, j.blocks[i % nb], m, j.delta.data(), j.d_cols);
+  }
+}
 
 }  // namespace
 

@@ -1,15 +1,18 @@
-"""Adapter buffers on transparent huge pages (CPU, Linux).
+"""Memory the CPU kernels stream every step, on transparent huge pages (CPU, Linux): the adapters' buffers
+(lora/fused.py) and the GEMM's packed base weights (model/cpu_gemm.py).
 
 Each decode step the multi-LoRA kernel streams every resident adapter's A stack and B tiles from memory:
 78 MB for 8 SmolLM2 adapters of rank 16, ~19,000 pages of 4 KB, each a TLB miss and a page walk. glibc
 gives each large tensor its own mmap, which is not 2 MB aligned, and where THP is `madvise` (as on this
 VM) such memory never gets huge pages. An arena hands out tensors carved from large anonymous private
 mappings marked `MADV_HUGEPAGE`; with the adapter buffers there, the mixed decode step's extra over a
-base step went from 4.19 / 3.91 ms to 3.85 / 3.32 ms (bench/README.md, session 5's experiment).
+base step went from 4.19 / 3.91 ms to 3.85 / 3.32 ms (bench/README.md, session 5's experiment). The
+packed base weights (270 MB for SmolLM2) gained as much: a base decode step 2.3% faster (session 15).
 
 Allocation is a bump pointer: nothing is freed piecemeal. A chunk's memory goes back to the system when
 the last tensor cut from it is gone (each tensor holds its chunk's mapping). Callers allocate rarely: a
-group cuts a member's buffers again only when a higher rank arrives (lora/fused.py).
+group cuts a member's buffers again only when a higher rank arrives (lora/fused.py), and base weights
+are packed once, at start-up.
 `mmap.mmap(-1, n)` alone maps MAP_SHARED memory, which follows the shmem THP setting (usually never):
 the mapping must be private."""
 
