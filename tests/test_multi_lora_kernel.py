@@ -269,8 +269,8 @@ def test_one_helper_runs_the_deltas_and_the_gemm_beside_them(kernel):
 
 
 def test_reading_the_next_groups_adapters_ahead_changes_no_bit(kernel):
-    """start(x, slots, next) also names the adapters the next group will read for these slots, for the
-    idle helper to prefetch: the results keep their bits, whichever group comes next (one with fewer
+    """start(x, slots, next, after) also names the adapters the next two groups will read for these slots,
+    for the idle helper to prefetch: the results keep their bits, whichever groups come next (with fewer
     slots, more members, or none), and a plan whose memory is freed before the helper reads it ahead is
     harmless (prefetches never fault)."""
     torch.manual_seed(9)
@@ -288,9 +288,10 @@ def test_reading_the_next_groups_adapters_ahead_changes_no_bit(kernel):
     y = torch.randn(8, 88).bfloat16()
     want = y.clone()
     group.apply(x, token_slots, want)
-    for nxt in (None, group, fewer, more, kernel.Group([], [], [], [])):
+    for nxt, after in [(None, None), (group, None), (fewer, None), (more, None), (kernel.Group([], [], [], []), None),
+                       (fewer, more), (more, group), (None, fewer)]:
         for _ in range(5):
-            assert group.start(x, token_slots, nxt)
+            assert group.start(x, token_slots, nxt, after)
             got = y.clone()
             group.finish(got)
             assert torch.equal(got.view(torch.int16), want.view(torch.int16))

@@ -187,8 +187,10 @@ class ProjectionGroup(SiblingGroup):
             group = self.kernel_group if lora is not None and lora.any_lora else None
             # Beside: the helper thread computes each row's own delta (reading the adapters) while this
             # thread runs the base GEMM (arithmetic); finish adds them with apply's one rounding: the same bits.
-            nxt = self.next_group.kernel_group if self.next_group is not None else None
-            started = group is not None and self.deltas_beside and group.start(x, lora.token_slots, nxt)
+            # The groups that run next and after it: the idle helper prefetches their adapters meanwhile.
+            nxt, after = (self.next_group.kernel_group, self.next_group.next_group.kernel_group) \
+                if self.next_group is not None else (None, None)
+            started = group is not None and self.deltas_beside and group.start(x, lora.token_slots, nxt, after)
             y = self.packed_w.linear(x, self.w_cat, self.b_cat)
             if started:
                 group.finish(y)

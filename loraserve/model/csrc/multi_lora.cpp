@@ -795,7 +795,7 @@ struct Group {
 
   // The deltas for x's rows start on the helper thread; `finish(y)` adds them. False (nothing started)
   // when no member has LoRA.
-  bool start(const at::Tensor& x, const at::Tensor& token_slots, const Group* next) const {
+  bool start(const at::Tensor& x, const at::Tensor& token_slots, const Group* next, const Group* after) const {
     TORCH_CHECK(x.dim() >= 2, "x must be [..., in]");
     const at::Tensor x2 = rows_of(x, token_slots);
     if (members.empty()) return false;
@@ -813,23 +813,27 @@ struct Group {
     job.chunks = static_cast<int64_t>(job.blocks.size() * members.size());
     // No free slot on the helper (another thread's jobs hold them all): finish computes the deltas itself.
     job.ticket = loraserve::helper().post(job.chunks, &DeltaJob::chunk, &job);
-    // The group the forward runs next will read its adapters for the same slots: the helper prefetches
-    // them once it is done with this job and the GEMM, while this thread runs Python and small ops
-    // (helper_thread.h). 8 SmolLM2 adapters on a 2-core Zen 3: a decode step's deltas 8.1 -> 3.8-4.5 ms
-    // of the helper's time, the step ~2 ms shorter.
-    if (next != nullptr) next->plan_read_ahead(job.blocks);
+    // The groups the forward runs next and after it will read their adapters for the same slots: the
+    // helper prefetches them once it is done with this job and the GEMM, while this thread runs Python and
+    // small ops (helper_thread.h). 8 SmolLM2 adapters on a 2-core Zen 3, the next group: a decode step's
+    // deltas 8.1 -> 3.8-4.5 ms of the helper's time, the step ~2 ms shorter. The one after it too (a
+    // 2-core Zen 4): the gaps between two groups are too short to bring in the next group's adapters
+    // alone (gate/up's are 1 MB), the idle helper goes on with the group after it: the step 1% faster.
+    static thread_local std::vector<loraserve::ReadRange> ranges;
+    ranges.clear();
+    for (const Group* g : {next, after})
+      if (g != nullptr) g->read_ahead_ranges(job.blocks, ranges);
+    loraserve::helper().plan_read_ahead(ranges.data(), static_cast<int64_t>(ranges.size()));
     return true;
   }
 
-  // The adapters this group's deltas will read for `blocks`' slots, for the helper thread to bring into
-  // the cache while it waits for this group's job (helper_thread.h plan_read_ahead). Member by member, the
+  // The adapters this group's deltas will read for `blocks`' slots, appended to `ranges`: for the helper
+  // thread to bring into the cache while it waits (helper_thread.h plan_read_ahead). Member by member, the
   // slots' A, then their B: consecutive slots lie side by side in both stacks, so the ranges coalesce (8
   // adapters: 6 ranges for q/k/v, not 48), and fewer of the plan's cache lines, which the helper reads
   // while this thread writes them, move between the cores.
-  void plan_read_ahead(const std::vector<Block>& blocks) const {
-    static thread_local std::vector<loraserve::ReadRange> ranges;
-    ranges.clear();
-    auto add = [](const char* p, int64_t bytes) {
+  void read_ahead_ranges(const std::vector<Block>& blocks, std::vector<loraserve::ReadRange>& ranges) const {
+    auto add = [&ranges](const char* p, int64_t bytes) {
       if (!ranges.empty() && ranges.back().p + ranges.back().bytes == p) {
         ranges.back().bytes += bytes;
       } else {
@@ -848,7 +852,6 @@ struct Group {
         }
       }
     }
-    loraserve::helper().plan_read_ahead(ranges.data(), static_cast<int64_t>(ranges.size()));
   }
 
   void finish(const at::Tensor& y) const {
@@ -896,9 +899,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       .def(pybind11::init<std::vector<at::Tensor>, std::vector<at::Tensor>, std::vector<int64_t>, std::vector<int64_t>>(),
            "a, b, cols, outs as multi_lora_apply takes them")
       .def("apply", &Group::apply, "multi_lora_apply(x, token_slots, a, b, y, cols, outs) with the bound a, b, cols, outs")
-      .def("start", &Group::start, "begin x's deltas on the helper thread; False if no member has LoRA. `next`: the "
-           "group the forward runs next, whose adapters the helper prefetches once idle",
-           py::arg("x"), py::arg("token_slots"), py::arg("next") = nullptr)
+      .def("start", &Group::start, "begin x's deltas on the helper thread; False if no member has LoRA. `next`, `after`: "
+           "the groups the forward runs next and after it, whose adapters the helper prefetches once idle",
+           py::arg("x"), py::arg("token_slots"), py::arg("next") = nullptr, py::arg("after") = nullptr)
       .def("finish", &Group::finish, "wait for the started deltas and add them into y (same bits as apply)");
   m.def("multi_lora_apply", &multi_lora_apply, "y[t] += B_s A_s x[t] for each row t's own slot s, in place");
   m.def("b_pairs", &b_pairs, "whether B tiles for tensors of this one's dtype hold pairs of rows");
