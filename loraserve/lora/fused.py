@@ -196,7 +196,8 @@ class ProjectionGroup(SiblingGroup):
                 group.finish(y)
             elif group is not None and not self.deltas_beside:
                 group.apply(x, lora.token_slots, y)      # y += each row's own delta, in place; base rows untouched
-            return list(y.split(self.outs, dim=-1))    # column views, as FusedLinearGroup returns
+            # Column views, as FusedLinearGroup returns (o_proj, down_proj: y itself).
+            return list(y.split_with_sizes(self.outs, dim=-1)) if len(self.outs) > 1 else [y]
         x2 = x.reshape(-1, self.members[0].in_features)
         shape = x.shape[:-1]
         used = [m for m in self.members if m.slots_used]

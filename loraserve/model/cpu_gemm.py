@@ -93,7 +93,10 @@ class PackedWeight:
 
     def linear(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         """`F.linear(x, weight, bias)` from the packed copy where it applies (oneDNN's: bit for bit)."""
-        packed = self.get(weight) if x.dtype == weight.dtype and supported(weight, self.kernel) else None
+        packed = self.packed
+        # The common case first: packed, and its source unchanged (~120 calls a decode step).
+        if packed is None or self.source is not weight or self.version != weight._version or x.dtype != weight.dtype:
+            packed = self.get(weight) if x.dtype == weight.dtype and supported(weight, self.kernel) else None
         if packed is None:
             return F.linear(x, weight, bias)
         if self.kernel is not None:

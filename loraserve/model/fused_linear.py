@@ -90,7 +90,7 @@ class FusedLinearGroup(SiblingGroup):
         y = self.packed.linear(x, self.weight, self.bias)
         # Column views of y, not copies: every consumer (RoPE, SiLU, the decode loop's C++ ops) reads rows
         # that lie apart; copying them cost ~0.4 ms a SmolLM2 decode step.
-        return list(y.split(self.outs, dim=-1))
+        return list(y.split_with_sizes(self.outs, dim=-1))
 
 
 class GroupedLinear(nn.Linear):
