@@ -46,7 +46,8 @@ def assert_parity(base: torch.nn.Module, paths: list[Path], plan: list[int], seq
 
 class CountingKernel:
     """The real kernel, counting its calls: proves the adapter rows went through it. `deltas_beside`: the
-    groups run the deltas on the kernel's helper thread (start / finish) instead of apply."""
+    groups run the deltas on the kernel's helper thread (start / finish) instead of apply, up to
+    BESIDE_MAX_ROWS rows."""
 
     def __init__(self, kernel, deltas_beside: bool = False) -> None:
         self.kernel, self.calls, self.deltas_beside = kernel, 0, deltas_beside
@@ -58,15 +59,15 @@ class CountingKernel:
         group, counter = self.kernel.Group(*bound), self
 
         class Counted:
-            def apply(self, *args):
-                assert not counter.deltas_beside
+            def apply(self, x, *args):
+                assert not counter.deltas_beside or x.shape[-2] > fused.BESIDE_MAX_ROWS   # prompt chunks: in place
                 counter.calls += 1
-                return group.apply(*args)
+                return group.apply(x, *args)
 
-            def start(self, x, token_slots, next_group=None):
+            def start(self, x, token_slots, next_group=None, after=None):
                 assert counter.deltas_beside
                 counter.calls += 1
-                return group.start(x, token_slots, next_group.group if next_group is not None else None)
+                return group.start(x, token_slots, *(g.group if g is not None else None for g in (next_group, after)))
 
             def finish(self, y):
                 return group.finish(y)

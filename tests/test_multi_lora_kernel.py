@@ -233,7 +233,8 @@ def test_started_deltas_finish_with_the_bits_of_apply(kernel, dtype):
 def test_one_helper_runs_the_deltas_and_the_gemm_beside_them(kernel):
     """The engine makes every kernel extension use one helper thread (kernels.share_helper_thread). In a
     mixed step the deltas are posted first, then the base GEMM posts its column runs to the same helper,
-    which works through the deltas and then joins the GEMM: both results keep their one-thread bits."""
+    which works through the deltas and then joins the GEMM: both results keep their one-thread bits, as do
+    the in-place deltas (prompt chunks) with their blocks shared with the helper."""
     gemm = kernels.gemm()
     if gemm is None:
         pytest.skip("no GEMM kernel for this CPU: the base GEMM is oneDNN's, with no helper")
@@ -249,22 +250,28 @@ def test_one_helper_runs_the_deltas_and_the_gemm_beside_them(kernel):
     before = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        for n in (1, 16, 40):
+        for n in (1, 16, 40, 200):
             token_slots = torch.randint(-1, 4, (n,))
             x = torch.randn(n, 576).bfloat16()
             base_alone = gemm.linear(x, packed, 768)
             want = base_alone.clone()
             group.apply(x, token_slots, want)
             gemm.set_helper(True)
+            kernel.set_helper(True)
             for _ in range(10):
                 assert group.start(x, token_slots)
                 y = gemm.linear(x, packed, 768)          # posts its runs behind the deltas
                 assert torch.equal(y.view(torch.int16), base_alone.view(torch.int16))
                 group.finish(y)
                 assert torch.equal(y.view(torch.int16), want.view(torch.int16)), f"{n} rows"
+                y = gemm.linear(x, packed, 768)          # prompt chunks: after the GEMM, blocks shared
+                group.apply(x, token_slots, y)
+                assert torch.equal(y.view(torch.int16), want.view(torch.int16)), f"{n} rows, in place"
             gemm.set_helper(False)
+            kernel.set_helper(False)
     finally:
         gemm.set_helper(False)
+        kernel.set_helper(False)
         torch.set_num_threads(before)
 
 

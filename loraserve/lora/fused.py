@@ -28,7 +28,11 @@ adapters), the base GEMM by arithmetic: with one engine thread on a machine of 2
 default) the kernels' helper thread (model/csrc/helper_thread.h) computes the deltas while this thread
 runs the base GEMM, and this thread takes over whatever chunks the helper has not reached when its GEMM
 is done (the helper shares its core with the HTTP server). The deltas are added with the same one
-rounding: the same bits."""
+rounding: the same bits. Prompt chunks (more than BESIDE_MAX_ROWS rows) take the in-place apply after
+the GEMM instead, its blocks shared with the helper: with 64 rows an adapter the deltas are arithmetic
+too, so running them beside the GEMM hides nothing, and the float32 buffer of the deferred add (6 MB for
+gate/up at 512 rows) only costs memory traffic (a 512-token prefill step with 8 adapters 386 -> 363 ms,
+base ~355 ms; a 2-core Zen 4, bench/README.md session 15)."""
 
 import torch
 import torch.nn.functional as F
@@ -43,6 +47,7 @@ from loraserve.model.fused_linear import SIBLINGS, SiblingGroup, stack_rows, sta
 # Singletons too: stacking a projection's own A under its base weight saves one GEMM per layer.
 GROUPS = SIBLINGS + (("o_proj",), ("down_proj",))
 SETTLE_CALLS = 8    # forwards on the plain stacks after a slot change before they are packed again
+BESIDE_MAX_ROWS = 64  # more rows (prompt chunks): the deltas after the GEMM, in place (see _compute)
 KERNEL_TILE = 16    # output columns per B tile: the C++ kernel's vector width (W in csrc/multi_lora.cpp)
 
 
@@ -190,11 +195,12 @@ class ProjectionGroup(SiblingGroup):
             # The groups that run next and after it: the idle helper prefetches their adapters meanwhile.
             nxt, after = (self.next_group.kernel_group, self.next_group.next_group.kernel_group) \
                 if self.next_group is not None else (None, None)
-            started = group is not None and self.deltas_beside and group.start(x, lora.token_slots, nxt, after)
+            beside = self.deltas_beside and x.shape[-2] <= BESIDE_MAX_ROWS
+            started = group is not None and beside and group.start(x, lora.token_slots, nxt, after)
             y = self.packed_w.linear(x, self.w_cat, self.b_cat)
             if started:
                 group.finish(y)
-            elif group is not None and not self.deltas_beside:
+            elif group is not None:
                 group.apply(x, lora.token_slots, y)      # y += each row's own delta, in place; base rows untouched
             # Column views, as FusedLinearGroup returns (o_proj, down_proj: y itself).
             return list(y.split_with_sizes(self.outs, dim=-1)) if len(self.outs) > 1 else [y]

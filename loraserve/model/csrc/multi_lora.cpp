@@ -539,7 +539,11 @@ int64_t max_rank(const std::vector<Member>& members) {
   return rank;
 }
 
-// The deltas of `blocks` added into y (yp, row stride y_stride), the blocks split over torch's threads.
+// Runs of blocks the in-place apply shares with the helper thread (helper_thread.h parallel_runs).
+constexpr int64_t kApplyRuns = 4;
+
+// The deltas of `blocks` added into y (yp, row stride y_stride), the blocks split over torch's threads, or
+// with one torch thread and the helper on (set_helper), shared with the helper.
 template <typename T>
 void apply_blocks(const T* xp, int64_t in, const std::vector<Block>& blocks, const std::vector<Member>& members,
                   T* yp, int64_t y_stride) {
@@ -572,7 +576,7 @@ void apply_blocks(const T* xp, int64_t in, const std::vector<Block>& blocks, con
       }
     }
   };
-  at::parallel_for(0, static_cast<int64_t>(blocks.size()), 1, run);
+  loraserve::parallel_runs(static_cast<int64_t>(blocks.size()), kApplyRuns, run);
 }
 
 // Member m's deltas for one block of rows into the float32 buffer dp (row stride d_stride): one chunk of a
@@ -906,4 +910,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("multi_lora_apply", &multi_lora_apply, "y[t] += B_s A_s x[t] for each row t's own slot s, in place");
   m.def("b_pairs", &b_pairs, "whether B tiles for tensors of this one's dtype hold pairs of rows");
   loraserve::def_helper_sharing(m);
+  loraserve::def_set_helper(m, "with one torch thread, share the in-place apply's blocks with the helper thread "
+                               "(the same bits)");
 }
