@@ -40,8 +40,11 @@ namespace {
 // model/kernels.py): every row's sums run in exactly the order written here, whether the row is alone
 // or processed in a block with others, so blocking rows for speed cannot change a row's result.
 constexpr int W = 16;
-constexpr int64_t PREFETCH = 2048;   // elements ahead of the current load that each stream asks for (4 KB
-                                     // of bf16: a step's 120 calls 3.8 -> 3.55 ms against 8 KB, with huge pages)
+// Elements ahead of the current load that each stream asks for, into L2 (hint 2: prefetcht1): 16 KB of
+// bf16. Requests for L1 wait for its few miss buffers: on a 2-core Zen 4 a step's deltas from memory (30
+// layers, 8 adapters, 2 rows each) took 8.4-11.5 ms with 4 KB ahead into L1, 5.6-6.0 ms like this (huge
+// pages both ways); a mixed decode step 1.7% faster (bench/README.md session 15).
+constexpr int64_t PREFETCH = 8192;
 using vf = float __attribute__((vector_size(4 * W)));
 using vu32 = uint32_t __attribute__((vector_size(4 * W)));
 using vu16 = uint16_t __attribute__((vector_size(2 * W)));
@@ -142,7 +145,7 @@ void down_proj(const float* const* xs, int64_t in, const T* a, int64_t r, float*
     const T* ak = a + k * in;
     vf acc[NB] = {};
     for (int64_t i = 0; i < full; i += W) {
-      __builtin_prefetch(ak + i + PREFETCH);
+      __builtin_prefetch(ak + i + PREFETCH, 0, 2);
       const vf av = load(ak + i);
       for (int n = 0; n < NB; ++n) acc[n] += load(xs[n] + i) * av;
     }
@@ -179,7 +182,7 @@ void down_ranks(const at::BFloat16* const* xs, int64_t in, const at::BFloat16* a
   for (int64_t i = 0; i < full; i += P) {
     __m512bh av[KB];
     for (int q = 0; q < KB; ++q) {
-      __builtin_prefetch(a + (k0 + q) * in + i + PREFETCH);
+      __builtin_prefetch(a + (k0 + q) * in + i + PREFETCH, 0, 2);
       av[q] = (__m512bh)_mm512_loadu_si512(a + (k0 + q) * in + i);
     }
     for (int n = 0; n < NB; ++n) {
@@ -213,7 +216,7 @@ void up_tiles(const char* hp, const at::BFloat16* bt, int64_t pairs, int64_t out
     __m512bh bv[TB];
     for (int q = 0; q < TB; ++q) {
       const at::BFloat16* bq = bt + ((t0 + q) * pairs + p) * 2 * W;
-      __builtin_prefetch(bq + PREFETCH);
+      __builtin_prefetch(bq + PREFETCH, 0, 2);
       bv[q] = (__m512bh)_mm512_loadu_si512(bq);
     }
     for (int n = 0; n < NB; ++n) {
@@ -304,7 +307,7 @@ void down_ranks(const float* const* xs, int64_t in, const at::BFloat16* a, int64
   const int64_t full = in / 16 * 16;
   for (int64_t i = 0; i < full; i += 16) {
     if (i % 32 == 0)                                          // one request per cache line and row
-      for (int q = 0; q < KB; ++q) __builtin_prefetch(ak + q * in + i + PREFETCH);
+      for (int q = 0; q < KB; ++q) __builtin_prefetch(ak + q * in + i + PREFETCH, 0, 2);
     chunk(ak + i, in, i);
   }
   if (full < in) {                                            // the last in % 16 inputs, zero-padded
@@ -359,7 +362,7 @@ void up_halves_of(const float* h, const at::BFloat16* bt, int64_t pairs, int64_t
     for (int q = 0; q < HB; ++q) {
       const int64_t half = h0 + q;
       const at::BFloat16* bq = bt + ((half / 2) * pairs + p) * 2 * W + (half % 2) * W;
-      if (half % 2 == 0) __builtin_prefetch(bq + PREFETCH);
+      if (half % 2 == 0) __builtin_prefetch(bq + PREFETCH, 0, 2);
       const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(bq));
       const __m256 even = loraserve::pair_even(v);
       for (int n = 0; n < NB; ++n)
@@ -417,7 +420,7 @@ void up_proj(const float* h, const T* bt, int64_t r, int64_t out, const Sink<T>&
     const T* bj = bt + tile * r * W;                 // this tile's [r, W] block, contiguous
     vf acc[NB] = {};
     for (int64_t k = 0; k < r; ++k) {
-      __builtin_prefetch(bj + k * W + PREFETCH);
+      __builtin_prefetch(bj + k * W + PREFETCH, 0, 2);
       const vf bv = load(bj + k * W);
       for (int n = 0; n < NB; ++n) acc[n] += h[n * r + k] * bv;
     }
