@@ -157,7 +157,6 @@ class LLMEngine:
         beside = kernel is not None and self._helper_thread()
         if kernel is not None:
             kernel.set_helper(beside)     # the in-place apply (prompt chunks) shares its blocks with the helper
-        if kernel is not None:
             log.info("multi-LoRA deltas: %s", "on the helper thread beside each base GEMM" if beside
                      else "after each base GEMM")
         manager = LoRAManager(self.model, config.lora.max_loras, config.lora.max_lora_rank,

@@ -66,9 +66,13 @@ class PackedWeight:
         self.packed: torch.Tensor | None = None
         self.calls_since_change = 0
 
+    def current(self, weight: torch.Tensor) -> bool:
+        """Whether the copy (packed or still settling) is of `weight` as it is now."""
+        return self.source is weight and self.version == weight._version
+
     def get(self, weight: torch.Tensor) -> torch.Tensor | None:
         """The packed copy of `weight` (packed now if due), or None while it is settling after a change."""
-        if self.source is not weight or self.version != weight._version:
+        if not self.current(weight):
             self.source, self.version, self.packed, self.calls_since_change = weight, weight._version, None, 0
         if self.packed is None:
             self.calls_since_change += 1
@@ -95,7 +99,7 @@ class PackedWeight:
         """`F.linear(x, weight, bias)` from the packed copy where it applies (oneDNN's: bit for bit)."""
         packed = self.packed
         # The common case first: packed, and its source unchanged (~120 calls a decode step).
-        if packed is None or self.source is not weight or self.version != weight._version or x.dtype != weight.dtype:
+        if packed is None or not self.current(weight) or x.dtype != weight.dtype:
             packed = self.get(weight) if x.dtype == weight.dtype and supported(weight, self.kernel) else None
         if packed is None:
             return F.linear(x, weight, bias)

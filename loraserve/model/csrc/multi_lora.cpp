@@ -679,6 +679,17 @@ void apply_typed(const at::Tensor& x, const at::Tensor& token_slots, int64_t num
   apply_blocks<T>(x.data_ptr<T>(), x.size(1), blocks, members, y.data_ptr<T>(), y.stride(0));
 }
 
+// y += each row's own delta, everything checked already (multi_lora_apply, Group.apply).
+void apply_checked(const at::Tensor& x, const at::Tensor& token_slots, int64_t num_slots,
+                   const std::vector<Member>& members, at::Tensor& y) {
+  pybind11::gil_scoped_release no_gil;   // pure arithmetic: let the HTTP thread run meanwhile
+  if (x.scalar_type() == at::kBFloat16) {
+    apply_typed<at::BFloat16>(x, token_slots, num_slots, members, y);
+  } else {
+    apply_typed<float>(x, token_slots, num_slots, members, y);
+  }
+}
+
 // y [T, >= cols[g] + outs[g]] += each row's own delta, in place; x [T, in], token_slots [T] int64 (-1: base
 // row, untouched); the members as checked_members takes them.
 void multi_lora_apply(const at::Tensor& x, const at::Tensor& token_slots, const std::vector<at::Tensor>& a,
@@ -692,12 +703,7 @@ void multi_lora_apply(const at::Tensor& x, const at::Tensor& token_slots, const 
   if (members.empty()) return;           // no member has LoRA: nothing to add
   const int64_t num_slots = common_slots(a, b);
   check_slots_in_range(token_slots, num_slots);
-  pybind11::gil_scoped_release no_gil;   // pure arithmetic: let the HTTP thread run meanwhile
-  if (x.scalar_type() == at::kBFloat16) {
-    apply_typed<at::BFloat16>(x, token_slots, num_slots, members, y);
-  } else {
-    apply_typed<float>(x, token_slots, num_slots, members, y);
-  }
+  apply_checked(x, token_slots, num_slots, members, y);
 }
 
 struct Group;
@@ -710,13 +716,12 @@ struct Group;
 // GEMM by arithmetic, so on two cores the reads cost little time. One job at a time: finish, then start.
 // The group and x stay alive from start to finish: the caller (lora/fused.py) holds both.
 struct DeltaJob {
-  const Group* group = nullptr;  // null: no job
+  const Group* group = nullptr;  // null: no job; its members, in, dtype and d_cols are the job's
   at::Tensor x_keep;             // x as [T, in]: kept until finish (a copy where x was not contiguous)
   const void* x = nullptr;       // its rows
-  int64_t rows = 0, in = 0, d_cols = 0;
-  bool bf16 = false;
+  int64_t rows = 0;
   std::vector<Block> blocks;
-  std::vector<float> delta;      // [T, d_cols]
+  std::vector<float> delta;      // [T, group->d_cols]
   int64_t chunks = 0;            // (member, block) pairs
   int64_t ticket = -1;           // the helper's, or -1: finish computes every chunk
 
@@ -740,11 +745,11 @@ void add_row(T* y, const float* d, int64_t n) {
 // y's rows of the job's blocks += their deltas, member by member, each value rounded once (add_row), as the
 // in-place apply adds them.
 template <typename T>
-void add_deltas(const DeltaJob& job, const std::vector<Member>& members, T* yp, int64_t y_stride) {
+void add_deltas(const DeltaJob& job, const std::vector<Member>& members, int64_t d_cols, T* yp, int64_t y_stride) {
   for (const Block& blk : job.blocks)
     for (int n = 0; n < blk.nb; ++n) {
       T* y = yp + blk.rows[n] * y_stride;
-      const float* d = job.delta.data() + blk.rows[n] * job.d_cols;
+      const float* d = job.delta.data() + blk.rows[n] * d_cols;
       for (const Member& m : members) add_row(y + m.col, d + m.col, m.out);
     }
 }
@@ -791,13 +796,7 @@ struct Group {
     at::Tensor y2 = y.view({-1, y.size(-1)});
     check_y(x2, y2);
     TORCH_CHECK(d_cols <= y2.size(1), "a member overruns y's columns");
-    if (members.empty()) return;
-    pybind11::gil_scoped_release no_gil;
-    if (dtype == at::kBFloat16) {
-      apply_typed<at::BFloat16>(x2, token_slots, num_slots, members, y2);
-    } else {
-      apply_typed<float>(x2, token_slots, num_slots, members, y2);
-    }
+    if (!members.empty()) apply_checked(x2, token_slots, num_slots, members, y2);
   }
 
   // The deltas for x's rows start on the helper thread; `finish(y)` adds them. False (nothing started)
@@ -812,11 +811,8 @@ struct Group {
     job.x_keep = x2;
     job.x = x2.data_ptr();
     job.rows = x2.size(0);
-    job.in = in;
-    job.bf16 = dtype == at::kBFloat16;
-    job.d_cols = d_cols;
     job.blocks = make_blocks(token_slots.data_ptr<int64_t>(), job.rows, num_slots);
-    at_least(job.delta, job.rows * job.d_cols);
+    at_least(job.delta, job.rows * d_cols);
     job.chunks = static_cast<int64_t>(job.blocks.size() * members.size());
     // No free slot on the helper (another thread's jobs hold them all): finish computes the deltas itself.
     job.ticket = loraserve::helper().post(job.chunks, &DeltaJob::chunk, &job);
@@ -872,14 +868,14 @@ struct Group {
       } else {
         for (int64_t i = 0; i < job.chunks; ++i) DeltaJob::chunk(&job, i);
       }
+      const Group& g = *job.group;
       const at::Tensor y2 = y.view({-1, y.size(-1)});
-      ok = y2.size(0) == job.rows && y2.size(1) >= job.d_cols && y2.stride(1) == 1 &&
-           y2.scalar_type() == job.x_keep.scalar_type() && y2.device().is_cpu();
-      const std::vector<Member>& ms = job.group->members;
-      if (ok && job.bf16) {
-        add_deltas<at::BFloat16>(job, ms, y2.data_ptr<at::BFloat16>(), y2.stride(0));
+      ok = y2.size(0) == job.rows && y2.size(1) >= g.d_cols && y2.stride(1) == 1 && y2.scalar_type() == g.dtype &&
+           y2.device().is_cpu();
+      if (ok && g.dtype == at::kBFloat16) {
+        add_deltas<at::BFloat16>(job, g.members, g.d_cols, y2.data_ptr<at::BFloat16>(), y2.stride(0));
       } else if (ok) {
-        add_deltas<float>(job, ms, y2.data_ptr<float>(), y2.stride(0));
+        add_deltas<float>(job, g.members, g.d_cols, y2.data_ptr<float>(), y2.stride(0));
       }
     }
     job.group = nullptr;                               // the job is over, whatever y was
@@ -890,12 +886,13 @@ struct Group {
 
 void DeltaJob::chunk(void* ctx, int64_t i) {
   DeltaJob& j = *static_cast<DeltaJob*>(ctx);
+  const Group& g = *j.group;
   const auto nb = static_cast<int64_t>(j.blocks.size());
-  const Member& m = j.group->members[static_cast<size_t>(i / nb)];
-  if (j.bf16) {
-    block_chunk<at::BFloat16>(static_cast<const at::BFloat16*>(j.x), j.in, j.blocks[i % nb], m, j.delta.data(), j.d_cols);
+  const Member& m = g.members[static_cast<size_t>(i / nb)];
+  if (g.dtype == at::kBFloat16) {
+    block_chunk<at::BFloat16>(static_cast<const at::BFloat16*>(j.x), g.in, j.blocks[i % nb], m, j.delta.data(), g.d_cols);
   } else {
-    block_chunk<float>(static_cast<const float*>(j.x), j.in, j.blocks[i % nb], m, j.delta.data(), j.d_cols);
+    block_chunk<float>(static_cast<const float*>(j.x), g.in, j.blocks[i % nb], m, j.delta.data(), g.d_cols);
   }
 }
 
