@@ -122,6 +122,13 @@ def test_bad_arguments_are_refused(kernel):
         apply(kernel, x, torch.tensor([0, 1, -1]), [(a.to("meta"), b)], y)
     with pytest.raises(RuntimeError, match=r"b\[0\] must be contiguous"):
         kernel.multi_lora_apply(x, torch.tensor([0, 1, -1]), [a], [b], y.clone(), [0], [16])
+    with pytest.raises(RuntimeError, match="member 0 has a negative column or width"):
+        kernel.Group([a], [column_tiles(b, kernel.b_pairs(b))], [-1], [16])
+    group = kernel.Group([a], [column_tiles(b, kernel.b_pairs(b))], [0], [16])
+    with pytest.raises(RuntimeError, match=r"x \[T, 31\] Float does not match the group's adapters \(\[L, r, 32\]"):
+        group.apply(x[:, :31].contiguous(), torch.tensor([0, 1, -1]), y.clone())
+    with pytest.raises(RuntimeError, match="does not match the group's adapters"):
+        group.start(x.bfloat16(), torch.tensor([0, 1, -1]))
 
 
 def test_no_members_adds_nothing(kernel):
