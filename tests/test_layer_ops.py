@@ -94,6 +94,40 @@ def test_each_row_is_the_same_whatever_shares_its_batch(ops, dtype):
         assert torch.equal(ops.silu_mul(g[t:t + 1], u[t:t + 1]), silu[t:t + 1])
 
 
+@pytest.mark.parametrize("rows", [8, 16, 100])
+def test_the_helper_thread_shares_rows_and_changes_no_bit(ops, rows):
+    """With one torch thread and the helper on (the serving default on 2+ cores), batches of 8 or more rows
+    are shared with the helper thread: every op's result equals the one-thread result. (The helper may get
+    no core at all: the caller then does every run itself, with the same result.)"""
+    d, h, hkv, slots = 64, 9, 3, 128
+    x, res, w = randn(rows, 576, dtype=torch.bfloat16, scale=3), randn(rows, 576, dtype=torch.bfloat16, seed=1), \
+        randn(576, dtype=torch.bfloat16, seed=2)
+    gate_up = randn(rows, 2 * 1536, dtype=torch.bfloat16, seed=3, scale=4)
+    qkv = randn(rows, (h + 2 * hkv) * d, dtype=torch.bfloat16, seed=4)
+    cos, sin = randn(rows, d, dtype=torch.bfloat16, seed=5), randn(rows, d, dtype=torch.bfloat16, seed=6)
+    slot_ids = torch.randperm(slots, generator=torch.Generator().manual_seed(rows))[:rows]
+    logits = randn(rows, 4099, dtype=torch.bfloat16, seed=7)
+
+    def run_all():
+        r = res.clone()
+        caches = [torch.zeros(hkv, slots, d, dtype=torch.bfloat16) for _ in range(2)]
+        q, k, v = (p.view(rows, -1, d) for p in qkv.split([h * d, hkv * d, hkv * d], dim=-1))
+        outs = [ops.add_rms_norm(x, r, w, 1e-5), r, ops.rms_norm(x, w, 1e-5), ops.silu_mul(*gate_up.split(1536, -1)),
+                ops.rope_write_kv(q, k, v, cos, sin, *caches, slot_ids), *caches, ops.argmax(logits)]
+        return [o.view(torch.int16) if o.dtype == torch.bfloat16 else o for o in outs]
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        alone = run_all()
+        ops.set_helper(True)
+        shared = [run_all() for _ in range(10)]
+    finally:
+        ops.set_helper(False)
+        torch.set_num_threads(before)
+    assert all(torch.equal(a, b) for s in shared for a, b in zip(s, alone))
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_argmax_is_torchs_first_maximum(ops, dtype):
     logits = randn(16, 49152, dtype=dtype)

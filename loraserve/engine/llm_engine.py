@@ -93,11 +93,14 @@ class LLMEngine:
             attention_kernel.set_helper(self._helper_thread())
         self.runner = ModelRunner(self.model, self.kv_cache, self.device, attention_kernel,
                                   self._lean_decoder(config))   # LoRA may wrap its modules later: looked up per call
-        self.sampler = Sampler(config.seed, kernels.layer_ops() if self._cpu_kernels() else None)
+        layer_ops = kernels.layer_ops() if self._cpu_kernels() else None
+        if layer_ops is not None:
+            layer_ops.set_helper(self._helper_thread())   # a prompt chunk's rows
+        self.sampler = Sampler(config.seed, layer_ops)
         self.lora = self._load_adapters(config) if config.lora.enable_lora else None
         if self._helper_thread():   # one helper thread for every kernel (csrc/helper_thread.h)
             multi_lora = kernels.multi_lora() if self.lora is not None else None
-            kernels.share_helper_thread([attention_kernel, gemm, multi_lora])
+            kernels.share_helper_thread([attention_kernel, gemm, multi_lora, layer_ops])
         self.token_budget = config.max_num_batched_tokens or self._default_token_budget(gemm)
         self.scheduler = Scheduler(self.blocks, config.max_num_seqs, max(self.token_budget, config.max_num_seqs),
                                    self._acquire_lora, self._release_lora)

@@ -20,6 +20,7 @@
 #include <type_traits>
 
 #include "fast_exp.h"
+#include "helper_thread.h"
 #if defined(__AVX512F__)
 #include <immintrin.h>
 #endif
@@ -65,6 +66,20 @@ void dispatch(at::ScalarType t, F f) {
 
 // Rows per parallel task: a decode step's 16 rows stay on one thread (a fork costs more than they do).
 constexpr int64_t GRAIN = 64;
+constexpr int64_t SHARE_ROWS = 8;  // with one engine thread and the helper on, this many rows or more are
+constexpr int64_t RUNS = 8;        // shared with the helper, in runs (helper_thread.h split_runs)
+
+// body(begin, end) over the rows. With the helper (one engine thread: the serving default on 2+ cores), a
+// decode batch's rows or a prompt chunk's are shared with it, as the GEMM's columns are: a batch-16
+// SmolLM2 decode step 1.3% faster, a 512-token prompt step 4.4% (bench/README.md, session 16). Otherwise
+// torch's threads, GRAIN rows a task. Each row is computed by one thread, whichever: the same bits.
+template <typename F>
+void for_rows(int64_t rows, const F& body) {
+  if (rows >= SHARE_ROWS && loraserve::helper_enabled.load(std::memory_order_relaxed) &&
+      at::get_num_threads() == 1 && loraserve::split_runs(rows, RUNS, body))
+    return;
+  at::parallel_for(0, rows, GRAIN, body);
+}
 
 // Sum of x^2 in 16 lanes folded in a fixed order: vectorizes, and the same row gives the same bits.
 template <typename T>
@@ -82,7 +97,7 @@ inline float sum_squares(const T* x, int64_t c) {
 
 template <typename T>
 void rms_norm_rows(const T* x, T* residual, const T* w, T* out, int64_t rows, int64_t c, float eps) {
-  at::parallel_for(0, rows, GRAIN, [&](int64_t begin, int64_t end) {
+  for_rows(rows, [&](int64_t begin, int64_t end) {
     for (int64_t r = begin; r < end; ++r) {
       const T* xr = x + r * c;
       T* o = out + r * c;
@@ -142,7 +157,7 @@ template <typename T>
 void rope_write_rows(const T* q, int64_t qs, const T* k, int64_t ks, const T* v, int64_t vs, const T* cos,
                      const T* sin, T* q_out, T* kc, T* vc, const int64_t* slots, int64_t t, int64_t hq,
                      int64_t hkv, int64_t d, int64_t cache_slots) {
-  at::parallel_for(0, t, GRAIN, [&](int64_t begin, int64_t end) {
+  for_rows(t, [&](int64_t begin, int64_t end) {
     for (int64_t r = begin; r < end; ++r) {
       const T* c = cos + r * d;
       const T* s = sin + r * d;
@@ -200,7 +215,7 @@ torch::Tensor rope_write_kv(const torch::Tensor& q_in, const torch::Tensor& k_in
 
 template <typename T>
 void silu_mul_rows(const T* g, int64_t gs, const T* u, int64_t us, T* out, int64_t rows, int64_t c) {
-  at::parallel_for(0, rows, GRAIN, [&](int64_t begin, int64_t end) {
+  for_rows(rows, [&](int64_t begin, int64_t end) {
     for (int64_t r = begin; r < end; ++r) {
       const T* gr = g + r * gs;
       const T* ur = u + r * us;
@@ -281,7 +296,7 @@ int64_t argmax_row(const T* x, int64_t v) {
 
 template <typename T>
 void argmax_rows(const T* x, int64_t* out, int64_t rows, int64_t v) {
-  at::parallel_for(0, rows, GRAIN, [&](int64_t begin, int64_t end) {
+  for_rows(rows, [&](int64_t begin, int64_t end) {
     for (int64_t r = begin; r < end; ++r) out[r] = argmax_row(x + r * v, v);
   });
 }
@@ -312,4 +327,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("v_cache"), py::arg("slots"), gil());
   m.def("silu_mul", &silu_mul, "silu(gate) * up", py::arg("gate"), py::arg("up"), gil());
   m.def("argmax", &argmax, "first index of each row's maximum, [S, V] -> [S] int64", py::arg("logits"), gil());
+  loraserve::def_set_helper(m, "with one torch thread, share the rows of 8 or more with the helper thread "
+                               "(the same bits)");
+  loraserve::def_helper_sharing(m);
 }
