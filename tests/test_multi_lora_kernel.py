@@ -240,8 +240,9 @@ def test_started_deltas_finish_with_the_bits_of_apply(kernel, dtype):
 def test_one_helper_runs_the_deltas_and_the_gemm_beside_them(kernel):
     """The engine makes every kernel extension use one helper thread (kernels.share_helper_thread). In a
     mixed step the deltas are posted first, then the base GEMM posts its column runs to the same helper,
-    which works through the deltas and then joins the GEMM: both results keep their one-thread bits, as do
-    the in-place deltas (prompt chunks) with their blocks shared with the helper."""
+    which works through the deltas and then joins the GEMM; finish shares the adds of the deltas with it:
+    both results keep their one-thread bits, as do the in-place deltas (prompt chunks) with their blocks
+    shared with the helper."""
     gemm = kernels.gemm()
     if gemm is None:
         pytest.skip("no GEMM kernel for this CPU: the base GEMM is oneDNN's, with no helper")

@@ -281,6 +281,16 @@ void parallel_runs(int64_t n, int64_t runs, const F& body) {
   at::parallel_for(0, n, 1, body);
 }
 
+// body(begin, end) over [0, n): in runs shared with the helper where parallel_runs would use it, else all on
+// this thread (work too short to be worth forking torch's threads).
+template <typename F>
+void helper_runs(int64_t n, int64_t runs, const F& body) {
+  if (helper_enabled.load(std::memory_order_relaxed) && at::get_num_threads() == 1 && n >= 2 &&
+      split_runs(n, runs, body))
+    return;
+  body(0, n);
+}
+
 // `set_helper(on)` on an extension module whose loops run through parallel_runs.
 void def_set_helper(pybind11::module_& m, const char* doc) {
   m.def("set_helper", [](bool on) { helper_enabled.store(on, std::memory_order_relaxed); }, doc);
