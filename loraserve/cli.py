@@ -79,9 +79,9 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
                         "decode attention and multi-LoRA (built on first start, ~20 s each, then cached); "
                         "oneDNN and PyTorch matmuls run instead")
     g.add_argument("--no-helper-thread", dest="helper_thread", action="store_false",
-                   help="CPU, one engine thread on 2+ cores: do not let a helper thread share each GEMM's columns "
-                        "and the attention's heads and run the adapters' deltas beside the base GEMMs on the core "
-                        "left to the HTTP server (the same bits either way)")
+                   help="CPU, one engine thread on 2+ cores: do not let a helper thread share each GEMM's columns, "
+                        "the attention's heads and the small ops' rows, and run the adapters' deltas beside the "
+                        "base GEMMs on the core left to the HTTP server (the same bits either way)")
     g.add_argument("--no-lean-forward", dest="lean_forward", action="store_false",
                    help="Llama, Qwen2 and Mistral models: run transformers' own layer forward instead of "
                         "loraserve's flat loop over the layers with fused norm, RoPE and SiLU ops (same math; "
