@@ -95,7 +95,7 @@ class LLMEngine:
                                   self._lean_decoder(config))   # LoRA may wrap its modules later: looked up per call
         layer_ops = kernels.layer_ops() if self._cpu_kernels() else None
         if layer_ops is not None:
-            layer_ops.set_helper(self._helper_thread())   # a prompt chunk's rows
+            layer_ops.set_helper(self._helper_thread())   # batches of 8+ rows share them with it
         self.sampler = Sampler(config.seed, layer_ops)
         self.lora = self._load_adapters(config) if config.lora.enable_lora else None
         if self._helper_thread():   # one helper thread for every kernel (csrc/helper_thread.h)

@@ -271,24 +271,26 @@ bool split_runs(int64_t n, int64_t runs, const F& body) {
 // thread on 2+ cores (engine/llm_engine.py, set_helper).
 std::atomic<bool> helper_enabled{false};
 
-// body(begin, end) over [0, n): with one torch thread and the helper on, in `runs` runs shared with the
-// helper (split_runs); otherwise (or with no free slot) over torch's threads.
+// body(begin, end) over [0, n) in `runs` runs shared with the helper (split_runs), if this extension's loops
+// use it (set_helper), torch runs one thread and n is at least `at_least`; false (nothing run) otherwise, or
+// where the helper has no free slot. The one test of whether to share, for every loop below.
 template <typename F>
-void parallel_runs(int64_t n, int64_t runs, const F& body) {
-  if (helper_enabled.load(std::memory_order_relaxed) && at::get_num_threads() == 1 && n >= runs &&
-      split_runs(n, runs, body))
-    return;
-  at::parallel_for(0, n, 1, body);
+bool try_helper_runs(int64_t n, int64_t runs, int64_t at_least, const F& body) {
+  return helper_enabled.load(std::memory_order_relaxed) && at::get_num_threads() == 1 && n >= at_least &&
+         split_runs(n, runs, body);
 }
 
-// body(begin, end) over [0, n): in runs shared with the helper where parallel_runs would use it, else all on
-// this thread (work too short to be worth forking torch's threads).
+// body(begin, end) over [0, n): shared with the helper (try_helper_runs), otherwise over torch's threads.
+template <typename F>
+void parallel_runs(int64_t n, int64_t runs, const F& body) {
+  if (!try_helper_runs(n, runs, runs, body)) at::parallel_for(0, n, 1, body);
+}
+
+// body(begin, end) over [0, n): shared with the helper where it can be, else all on this thread (work too
+// short to be worth forking torch's threads).
 template <typename F>
 void helper_runs(int64_t n, int64_t runs, const F& body) {
-  if (helper_enabled.load(std::memory_order_relaxed) && at::get_num_threads() == 1 && n >= 2 &&
-      split_runs(n, runs, body))
-    return;
-  body(0, n);
+  if (!try_helper_runs(n, runs, 2, body)) body(0, n);
 }
 
 // `set_helper(on)` on an extension module whose loops run through parallel_runs.

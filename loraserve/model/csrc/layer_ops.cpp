@@ -75,10 +75,7 @@ constexpr int64_t RUNS = 8;        // shared with the helper, in runs (helper_th
 // torch's threads, GRAIN rows a task. Each row is computed by one thread, whichever: the same bits.
 template <typename F>
 void for_rows(int64_t rows, const F& body) {
-  if (rows >= SHARE_ROWS && loraserve::helper_enabled.load(std::memory_order_relaxed) &&
-      at::get_num_threads() == 1 && loraserve::split_runs(rows, RUNS, body))
-    return;
-  at::parallel_for(0, rows, GRAIN, body);
+  if (!loraserve::try_helper_runs(rows, RUNS, SHARE_ROWS, body)) at::parallel_for(0, rows, GRAIN, body);
 }
 
 // Sum of x^2 in 16 lanes folded in a fixed order: vectorizes, and the same row gives the same bits.
